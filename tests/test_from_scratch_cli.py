@@ -1,0 +1,64 @@
+"""Each from-scratch script as a user runs it: a short end-to-end run, and every bad input answered in one line."""
+
+import csv
+import json
+
+import pytest
+from conftest import ALL_SCRIPTS, FROM_SCRATCH, run_script
+
+SCRIPTS = [name for name in ALL_SCRIPTS if (FROM_SCRATCH / f"{name}.py").exists()]
+SMOKE_FLAGS = ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--learning-starts", "200", "--batch-size", "32"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_end_to_end_run_writes_the_local_log(script, tmp_path):
+    flags = [*SMOKE_FLAGS, "--eval-every", "400", "--eval-episodes", "1", "--log-every", "50", "--save-model"]
+    result = run_script(FROM_SCRATCH / f"{script}.py", *flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith(f"Hopper-v4__{script}__1__")
+    assert json.loads((run_dir / "args.json").read_text())["total_timesteps"] == 400
+    assert (run_dir / f"{script}.flax").stat().st_size > 0
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    keys = {row["key"] for row in rows}
+    expected = {
+        "charts/episodic_return",
+        "charts/episodic_length",
+        "charts/SPS",
+        "losses/qf_loss",
+        "losses/actor_loss",
+        "losses/alpha",
+        "losses/entropy",
+        "eval/episodic_return",
+    }
+    assert expected <= keys, expected - keys
+    returns = [float(row["value"]) for row in rows if row["key"] == "charts/episodic_return"]
+    assert len(returns) >= 3 and all(r == r for r in returns)  # Hopper episodes under random actions are short
+    steps = [int(row["global_step"]) for row in rows]
+    assert steps == sorted(steps) and steps[-1] == 399
+    assert "step 400/400" in result.stdout
+
+
+BAD_INPUTS = {
+    "unknown env id": (["--env-id", "NoSuchEnv-v9"], "NoSuchEnv-v9"),
+    "discrete actions": (["--env-id", "CartPole-v1"], "Discrete"),
+    "batch larger than buffer": (["--batch-size", "64", "--buffer-size", "32", "--learning-starts", "64"], "--buffer-size"),
+    "non-positive steps": (["--total-timesteps", "0"], "--total-timesteps"),
+    "learning starts before a batch": (["--learning-starts", "10", "--batch-size", "32"], "--learning-starts"),
+    "track without login": (["--track"], "wandb login"),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_nonzero_exit(script, case, tmp_path):
+    flags, mentioned = BAD_INPUTS[case]
+    # A home with no netrc and no key: the `--track` case must not find a login.
+    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": ""}
+    result = run_script(FROM_SCRATCH / f"{script}.py", *flags, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error:") and mentioned in last_line, result.stderr[-2000:]
+    assert not (tmp_path / "runs").exists()  # nothing written for a run that never started

@@ -1,0 +1,154 @@
+"""What every from-scratch script shares (SPEC §4): BatchRenorm, the replay buffer, the TD target, the α update,
+and a train step that compiles once. Each script carries its own copy, so each copy is tested."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import ALL_SCRIPTS, FROM_SCRATCH, load_script
+
+pytestmark = pytest.mark.parametrize("script", [name for name in ALL_SCRIPTS if (FROM_SCRATCH / f"{name}.py").exists()])
+
+
+def batch_renorm_np(x, running_mean, running_var, scale, bias, steps, warmup, eps, train):
+    """BatchRenorm written out by hand (Ioffe 2017, eq. in the script's docstring)."""
+    if not train:
+        return (x - running_mean) / np.sqrt(running_var + eps) * scale + bias, running_mean, running_var
+    mean, var = x.mean(0), x.var(0)
+    std, running_std = np.sqrt(var + eps), np.sqrt(running_var + eps)
+    r, d = np.ones_like(mean), np.zeros_like(mean)
+    if steps >= warmup:
+        r = np.clip(std / running_std, 1 / 3.0, 3.0)
+        d = np.clip((mean - running_mean) / running_std, -5.0, 5.0)
+    y = ((x - mean) / std * r + d) * scale + bias
+    return y, 0.99 * running_mean + 0.01 * mean, 0.99 * running_var + 0.01 * var
+
+
+@pytest.mark.parametrize("steps", [0, 10])
+def test_batch_renorm_matches_hand_computation(script, steps):
+    module = load_script(script)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(64, 4)) * [1.0, 10.0, 0.1, 2.0] + [0.0, 30.0, -1.0, 0.5]).astype(np.float32)
+    layer = module.BatchRenorm(warmup_steps=5)
+    variables = layer.init(jax.random.PRNGKey(0), x, train=False)
+    # Running statistics far from the batch's so that r and d hit their clipping bounds in some features.
+    running_mean = np.array([0.1, 0.0, -1.0, 0.4], np.float32)
+    running_var = np.array([1.0, 1.0, 1.0, 0.001], np.float32)
+    scale, bias = np.array([1.0, 2.0, 0.5, 1.5], np.float32), np.array([0.0, -1.0, 0.2, 0.3], np.float32)
+    variables = {
+        "params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
+        "batch_stats": {"mean": jnp.asarray(running_mean), "var": jnp.asarray(running_var), "steps": jnp.int32(steps)},
+    }
+    eps = module.BatchRenorm.epsilon
+    for train in (True, False):
+        expected, new_mean, new_var = batch_renorm_np(x, running_mean, running_var, scale, bias, steps, 5, eps, train)
+        if train:
+            y, updates = layer.apply(variables, x, train=True, mutable=["batch_stats"])
+            stats = updates["batch_stats"]
+            np.testing.assert_allclose(stats["mean"], new_mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(stats["var"], new_var, rtol=1e-5, atol=1e-6)
+            assert int(stats["steps"]) == steps + 1
+        else:
+            y = layer.apply(variables, x, train=False)
+        np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_replay_buffer_pairs_next_observations_and_keeps_final_ones(script):
+    """Episode ends keep the real final observation; sampling covers exactly the stored transitions."""
+    module = load_script(script)
+    buffer = module.create_buffer(12, 1, 1)
+    add = jax.jit(module.buffer_add)
+    transitions = []  # (obs, next_obs, terminated) as added
+    obs = 0.0
+    for step in range(9):
+        episode_end = step in (2, 5)  # two short episodes, then a third that runs on
+        next_obs = obs + 1.0
+        buffer = add(buffer, jnp.float32([obs]), jnp.float32([step]), jnp.float32(step), jnp.float32([next_obs]), jnp.float32(step == 2), jnp.bool_(episode_end))
+        transitions.append((obs, next_obs, float(step == 2)))
+        obs = 100.0 * (step + 1) if episode_end else next_obs  # a reset observation differs from the final one
+    obs_b, act_b, rew_b, term_b, next_b = jax.jit(module.buffer_sample, static_argnums=2)(buffer, jax.random.PRNGKey(0), 4000)
+    sampled_steps = np.asarray(act_b)[:, 0].astype(int)
+    for i, step in enumerate(sampled_steps[:200]):
+        o, n, term = transitions[step]
+        assert (obs_b[i, 0], next_b[i, 0], term_b[i], rew_b[i]) == (o, n, term, step)
+    counts = np.bincount(sampled_steps, minlength=9)
+    assert counts.min() > 350, counts  # uniform over the 9 transitions (expected 444 each)
+
+
+def test_replay_buffer_wraps_around(script):
+    module = load_script(script)
+    buffer = module.create_buffer(5, 1, 1)
+    for step in range(13):
+        buffer = module.buffer_add(buffer, jnp.float32([step]), jnp.float32([step]), jnp.float32(0), jnp.float32([step + 1]), jnp.float32(0), jnp.bool_(False))
+    obs_b, act_b, _, _, next_b = module.buffer_sample(buffer, jax.random.PRNGKey(1), 500)
+    # 5 slots: the newest slot holds only the last next observation, so the 4 newest transitions remain.
+    assert set(np.asarray(act_b)[:, 0].astype(int)) == {9, 10, 11, 12}
+    np.testing.assert_array_equal(np.asarray(next_b), np.asarray(obs_b) + 1)
+
+
+def test_td_target(script):
+    module = load_script(script)
+    rng = np.random.default_rng(3)
+    r, term, q_next, logp = rng.normal(size=6), np.array([0, 1, 0, 0, 1, 0.0]), rng.normal(size=(2, 6)), rng.normal(size=6)
+    alpha, gamma = 0.3, 0.97
+    got = module.td_target(r, term, q_next.min(axis=0), logp, alpha, gamma)
+    expected = [r[i] + (0 if term[i] else gamma * (min(q_next[0, i], q_next[1, i]) - alpha * logp[i])) for i in range(6)]
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("entropy_below_target", [True, False])
+def test_alpha_update_direction(script, entropy_below_target):
+    """α must rise when the entropy −log π is below H_target and fall when it is above."""
+    module = load_script(script)
+    target_entropy = 0.0
+    log_prob = jnp.full((32,), 2.0 if entropy_below_target else -2.0)  # entropy −2 (below 0) or +2 (above)
+    log_alpha = jnp.float32(np.log(0.2))
+    optimizer = optax.adam(1e-2)
+    grad = jax.grad(module.alpha_loss)(log_alpha, log_prob, target_entropy)
+    updates, _ = optimizer.update(grad, optimizer.init(log_alpha))
+    new_log_alpha = optax.apply_updates(log_alpha, updates)
+    assert (new_log_alpha > log_alpha) == entropy_below_target
+
+
+def small_args(module, **overrides):
+    args = module.Args(critic_hidden=32, batch_size=8, buffer_size=64, learning_starts=8, **overrides)
+    sizes = {"velocity_hidden": 16, "actor_hidden": 16, "d_model": 16}
+    return dataclasses.replace(args, **{k: v for k, v in sizes.items() if hasattr(args, k)})
+
+
+def test_train_step_compiles_once_and_learns_something(script):
+    """One compilation for the whole run (no weak types or int/float flips in the state), and parameters move."""
+    module = load_script(script)
+    args = small_args(module, policy_delay=2)
+    obs_dim, action_dim = 3, 2
+    agent = module.create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
+    train_step, add_transition, evaluation_action = module.make_train_functions(args, action_dim, np.ones(2), np.zeros(2))
+    rng = np.random.default_rng(0)
+
+    def transition(step):
+        return (
+            jnp.asarray(rng.normal(size=obs_dim), jnp.float32),
+            jnp.asarray(rng.uniform(-1, 1, size=action_dim), jnp.float32),
+            jnp.float32(rng.normal()),
+            jnp.asarray(rng.normal(size=obs_dim), jnp.float32),
+            jnp.float32(step % 7 == 0),
+            jnp.bool_(step % 5 == 0),
+        )
+
+    for step in range(10):
+        agent = add_transition(agent, *transition(step))
+    first_policy = jax.tree_util.tree_map(np.asarray, agent.policy.params)
+    for step in range(7):
+        agent, action, metrics, all_finite = train_step(agent, *transition(step), jnp.zeros(obs_dim, jnp.float32))
+        assert bool(all_finite) and action.shape == (action_dim,)
+        evaluation_action(agent.policy.params, agent.policy.batch_stats, jnp.zeros(obs_dim, jnp.float32), jax.random.PRNGKey(step))
+    assert train_step._cache_size() == 1
+    assert add_transition._cache_size() == 1
+    assert evaluation_action._cache_size() == 1
+    assert int(agent.critic_updates) == 7
+    moved = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), first_policy, jax.tree_util.tree_map(np.asarray, agent.policy.params))
+    assert any(jax.tree_util.tree_leaves(moved))
+    assert float(metrics["losses/alpha"]) != 0.2  # autotune moved α
