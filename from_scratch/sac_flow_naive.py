@@ -37,7 +37,9 @@ import netrc
 import os
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import flax
 import flax.linen as nn
@@ -318,6 +320,8 @@ def squash(pre_tanh_action, action_scale, action_bias):
 # Replay buffer on the device. One observation array: a transition at slot i has its next observation at
 # slot i + 1. When an episode ends, slot i + 1 keeps the final observation (not a transition itself) and
 # the next episode starts at slot i + 2. This halves the memory of storing next observations separately.
+# Slots are written in order, so the transitions that writing destroys are always the oldest: the intact
+# ones are the newest `num_valid` of the list `transition_slots`, and sampling needs no search.
 
 
 @flax.struct.dataclass
@@ -327,6 +331,9 @@ class ReplayBuffer:
     rewards: jax.Array  # (slots,)
     terminations: jax.Array  # (slots,) 1.0 where the episode terminated (not truncated)
     is_transition: jax.Array  # (slots,) slot i holds a complete transition (its next obs is at i + 1)
+    transition_slots: jax.Array  # (slots,) the slot of the n-th transition added, at n mod slots
+    num_added: jax.Array  # () transitions added so far
+    num_valid: jax.Array  # () the newest transitions still intact
     position: jax.Array  # () the slot of the next transition
 
 
@@ -337,6 +344,9 @@ def create_buffer(slots: int, obs_dim: int, action_dim: int) -> ReplayBuffer:
         rewards=jnp.zeros((slots,), jnp.float32),
         terminations=jnp.zeros((slots,), jnp.float32),
         is_transition=jnp.zeros((slots,), bool),
+        transition_slots=jnp.zeros((slots,), jnp.int32),
+        num_added=jnp.zeros((), jnp.int32),
+        num_valid=jnp.zeros((), jnp.int32),
         position=jnp.zeros((), jnp.int32),
     )
 
@@ -345,23 +355,27 @@ def buffer_add(buffer: ReplayBuffer, obs, action, reward, next_obs, terminated, 
     slots = buffer.observations.shape[0]
     i = buffer.position
     next_i = (i + 1) % slots
+    # Overwriting slots i and i + 1 destroys the (oldest) transitions stored there, if any.
+    destroyed = buffer.is_transition[i].astype(jnp.int32) + buffer.is_transition[next_i].astype(jnp.int32)
     return ReplayBuffer(
         observations=buffer.observations.at[i].set(obs).at[next_i].set(next_obs),
         actions=buffer.actions.at[i].set(action),
         rewards=buffer.rewards.at[i].set(reward),
         terminations=buffer.terminations.at[i].set(terminated),
-        # Writing slot i + 1's observation breaks the oldest transition stored there.
         is_transition=buffer.is_transition.at[i].set(True).at[next_i].set(False),
+        transition_slots=buffer.transition_slots.at[buffer.num_added % slots].set(i),
+        num_added=buffer.num_added + 1,
+        num_valid=buffer.num_valid + 1 - destroyed,
         position=(i + 1 + episode_end.astype(jnp.int32)) % slots,
     )
 
 
 def buffer_sample(buffer: ReplayBuffer, key, batch_size: int):
-    """Uniform over stored transitions: draw the j-th transition, find its slot by a cumulative count."""
-    count = jnp.cumsum(buffer.is_transition, dtype=jnp.int32)
-    j = jax.random.randint(key, (batch_size,), 0, count[-1])
-    i = jnp.searchsorted(count, j, side="right")
-    next_i = (i + 1) % buffer.observations.shape[0]
+    """Uniform over the intact transitions: (obs, actions, rewards, terminations, next_obs)."""
+    slots = buffer.observations.shape[0]
+    age = jax.random.randint(key, (batch_size,), 0, buffer.num_valid)
+    i = buffer.transition_slots[(buffer.num_added - 1 - age) % slots]
+    next_i = (i + 1) % slots
     return (
         buffer.observations[i],
         buffer.actions[i],
@@ -412,13 +426,13 @@ def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
             params=policy_vars["params"],
             batch_stats=policy_vars["batch_stats"],
             tx=optax.adam(args.policy_lr, b1=args.adam_beta1),
-        ),
+        ).replace(step=jnp.zeros((), jnp.int32)),  # create() sets a Python int 0: a second compile otherwise
         critic=RenormTrainState.create(
             apply_fn=q_network.apply,
             params=critic_vars["params"],
             batch_stats=critic_vars["batch_stats"],
             tx=optax.adam(args.q_lr, b1=args.adam_beta1),
-        ),
+        ).replace(step=jnp.zeros((), jnp.int32)),
         log_alpha=log_alpha,
         alpha_opt_state=optax.adam(args.q_lr, b1=args.adam_beta1).init(log_alpha),
         buffer=create_buffer(args.buffer_size, obs_dim, action_dim),
@@ -441,10 +455,18 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
     return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
 
 
-def make_train_functions(args: Args, action_dim: int, action_scale, action_bias):
-    """Builds the jitted functions of a run: `train_step` (one call per environment step once learning has
-    started: store the transition, update critic, actor and α, return the next action), `add_transition`
-    (before learning starts) and `evaluation_action` (deterministic: ε = 0)."""
+class TrainFunctions(NamedTuple):
+    train_step: Callable  # jitted; once learning has started, the one call per environment step
+    add_transition: Callable  # jitted; stores a transition before learning starts
+    evaluation_action: Callable  # jitted; deterministic action (ε = 0)
+    update_critic: Callable  # the pieces of train_step, not jitted (tests and bench/speed.py use them)
+    update_actor_and_alpha: Callable
+    sample_actions: Callable
+
+
+def make_train_functions(args: Args, action_dim: int, action_scale, action_bias) -> TrainFunctions:
+    """Builds the functions of a run. `train_step` stores the transition, updates the critic (and every
+    `policy_delay` calls the actor and α) and returns the action for the next observation."""
     policy, q_network = make_networks(args, action_dim)
     action_scale = jnp.asarray(action_scale, jnp.float32)
     action_bias = jnp.asarray(action_bias, jnp.float32)
@@ -573,10 +595,13 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         action, _, _ = rollout(params, batch_stats, obs[None], initial_noise, step_noise, train=False)
         return action[0]
 
-    return (
-        jax.jit(train_step, donate_argnums=0),
-        jax.jit(add_transition, donate_argnums=0),
-        jax.jit(evaluation_action),
+    return TrainFunctions(
+        train_step=jax.jit(train_step, donate_argnums=0),
+        add_transition=jax.jit(add_transition, donate_argnums=0),
+        evaluation_action=jax.jit(evaluation_action),
+        update_critic=update_critic,
+        update_actor_and_alpha=update_actor_and_alpha,
+        sample_actions=sample_actions,
     )
 
 
@@ -683,7 +708,9 @@ def main():
     action_bias = (env.action_space.high + env.action_space.low) / 2
     key, eval_key = jax.random.split(jax.random.PRNGKey(args.seed))
     agent = create_agent(args, key, obs_dim, action_dim)
-    train_step, add_transition, evaluation_action = make_train_functions(args, action_dim, action_scale, action_bias)
+    train_step, add_transition, evaluation_action, *_ = make_train_functions(
+        args, action_dim, action_scale, action_bias
+    )
 
     obs, _ = env.reset(seed=args.seed)
     eval_env.reset(seed=args.seed + 1)

@@ -41,7 +41,9 @@ def sigma_np(module, variables, state, noise_std):
     if noise_std > 0:
         return np.full((BATCH, ACTION_DIM), noise_std)
     p = variables["params"]
-    hidden = np.maximum(state @ np.asarray(p["log_sigma_hidden"]["kernel"]) + np.asarray(p["log_sigma_hidden"]["bias"]), 0)
+    hidden = np.maximum(
+        state @ np.asarray(p["log_sigma_hidden"]["kernel"]) + np.asarray(p["log_sigma_hidden"]["bias"]), 0
+    )
     raw = np.tanh(hidden @ np.asarray(p["log_sigma_out"]["kernel"]) + np.asarray(p["log_sigma_out"]["bias"]))
     return np.exp(module.LOG_SIGMA_MIN + 0.5 * (module.LOG_SIGMA_MAX - module.LOG_SIGMA_MIN) * (raw + 1))
 
@@ -65,7 +67,9 @@ def test_path_log_probability_matches_numpy(script, noise_std):
     for k in range(FLOW_STEPS):
         t = k * dt
         velocity = np.asarray(
-            policy.apply(variables, jnp.asarray(state, jnp.float32), jnp.asarray(path[k], jnp.float32), t, method="velocity_at")
+            policy.apply(
+                variables, jnp.asarray(state, jnp.float32), jnp.asarray(path[k], jnp.float32), t, method="velocity_at"
+            )
         )
         drift = (1 + t * sigma**2 / (2 * (1 - t))) * velocity - sigma**2 / (2 * (1 - t)) * path[k]
         mean = path[k] + dt * drift
@@ -79,11 +83,13 @@ def test_path_log_probability_matches_numpy(script, noise_std):
 def test_fixed_sigma_step_terms_include_log_sigma_and_dt(script):
     """With σ fixed, each step contributes −½‖ε_k‖² − d·log(σ√Δt) − (d/2)·log 2π: nothing dropped."""
     sigma = 0.1
-    module, policy, variables, obs, initial_noise, step_noise = make_policy(load_script(script), sigma)
+    _, policy, variables, obs, initial_noise, step_noise = make_policy(load_script(script), sigma)
     _, _, log_prob = policy.apply(variables, obs, initial_noise, step_noise, train=False)
     d, dt = ACTION_DIM, 1.0 / FLOW_STEPS
     per_step = [
-        -0.5 * np.sum(step_noise[k].astype(np.float64) ** 2, axis=-1) - d * math.log(sigma * math.sqrt(dt)) - d / 2 * math.log(2 * math.pi)
+        -0.5 * np.sum(step_noise[k].astype(np.float64) ** 2, axis=-1)
+        - d * math.log(sigma * math.sqrt(dt))
+        - d / 2 * math.log(2 * math.pi)
         for k in range(FLOW_STEPS)
     ]
     initial = -0.5 * np.sum(initial_noise.astype(np.float64) ** 2, axis=-1) - d / 2 * math.log(2 * math.pi)
@@ -95,7 +101,9 @@ def test_tanh_squash_and_correction(script):
     rng = np.random.default_rng(2)
     pre_tanh = rng.normal(size=(BATCH, ACTION_DIM)) * 2
     scale, bias = np.array([0.4, 1.0, 2.0]), np.array([0.0, 0.5, -1.0])
-    action, log_det = module.squash(jnp.asarray(pre_tanh, jnp.float32), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32))
+    action, log_det = module.squash(
+        jnp.asarray(pre_tanh, jnp.float32), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)
+    )
     np.testing.assert_allclose(np.asarray(action), scale * np.tanh(pre_tanh) + bias, rtol=1e-5, atol=1e-6)
     expected = np.sum(np.log(scale * (1 - np.tanh(pre_tanh) ** 2) + 1e-6), axis=-1)
     np.testing.assert_allclose(np.asarray(log_det), expected, rtol=1e-4, atol=1e-4)

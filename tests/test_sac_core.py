@@ -66,10 +66,20 @@ def test_replay_buffer_pairs_next_observations_and_keeps_final_ones(script):
     for step in range(9):
         episode_end = step in (2, 5)  # two short episodes, then a third that runs on
         next_obs = obs + 1.0
-        buffer = add(buffer, jnp.float32([obs]), jnp.float32([step]), jnp.float32(step), jnp.float32([next_obs]), jnp.float32(step == 2), jnp.bool_(episode_end))
+        buffer = add(
+            buffer,
+            jnp.float32([obs]),
+            jnp.float32([step]),
+            jnp.float32(step),
+            jnp.float32([next_obs]),
+            jnp.float32(step == 2),
+            jnp.bool_(episode_end),
+        )
         transitions.append((obs, next_obs, float(step == 2)))
         obs = 100.0 * (step + 1) if episode_end else next_obs  # a reset observation differs from the final one
-    obs_b, act_b, rew_b, term_b, next_b = jax.jit(module.buffer_sample, static_argnums=2)(buffer, jax.random.PRNGKey(0), 4000)
+    obs_b, act_b, rew_b, term_b, next_b = jax.jit(module.buffer_sample, static_argnums=2)(
+        buffer, jax.random.PRNGKey(0), 4000
+    )
     sampled_steps = np.asarray(act_b)[:, 0].astype(int)
     for i, step in enumerate(sampled_steps[:200]):
         o, n, term = transitions[step]
@@ -82,7 +92,15 @@ def test_replay_buffer_wraps_around(script):
     module = load_script(script)
     buffer = module.create_buffer(5, 1, 1)
     for step in range(13):
-        buffer = module.buffer_add(buffer, jnp.float32([step]), jnp.float32([step]), jnp.float32(0), jnp.float32([step + 1]), jnp.float32(0), jnp.bool_(False))
+        buffer = module.buffer_add(
+            buffer,
+            jnp.float32([step]),
+            jnp.float32([step]),
+            jnp.float32(0),
+            jnp.float32([step + 1]),
+            jnp.float32(0),
+            jnp.bool_(False),
+        )
     obs_b, act_b, _, _, next_b = module.buffer_sample(buffer, jax.random.PRNGKey(1), 500)
     # 5 slots: the newest slot holds only the last next observation, so the 4 newest transitions remain.
     assert set(np.asarray(act_b)[:, 0].astype(int)) == {9, 10, 11, 12}
@@ -92,10 +110,17 @@ def test_replay_buffer_wraps_around(script):
 def test_td_target(script):
     module = load_script(script)
     rng = np.random.default_rng(3)
-    r, term, q_next, logp = rng.normal(size=6), np.array([0, 1, 0, 0, 1, 0.0]), rng.normal(size=(2, 6)), rng.normal(size=6)
+    r, term, q_next, logp = (
+        rng.normal(size=6),
+        np.array([0, 1, 0, 0, 1, 0.0]),
+        rng.normal(size=(2, 6)),
+        rng.normal(size=6),
+    )
     alpha, gamma = 0.3, 0.97
     got = module.td_target(r, term, q_next.min(axis=0), logp, alpha, gamma)
-    expected = [r[i] + (0 if term[i] else gamma * (min(q_next[0, i], q_next[1, i]) - alpha * logp[i])) for i in range(6)]
+    expected = [
+        r[i] + (0 if term[i] else gamma * (min(q_next[0, i], q_next[1, i]) - alpha * logp[i])) for i in range(6)
+    ]
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6)
 
 
@@ -125,7 +150,9 @@ def test_train_step_compiles_once_and_learns_something(script):
     args = small_args(module, policy_delay=2)
     obs_dim, action_dim = 3, 2
     agent = module.create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
-    train_step, add_transition, evaluation_action = module.make_train_functions(args, action_dim, np.ones(2), np.zeros(2))
+    train_step, add_transition, evaluation_action, *_ = module.make_train_functions(
+        args, action_dim, np.ones(2), np.zeros(2)
+    )
     rng = np.random.default_rng(0)
 
     def transition(step):
@@ -144,11 +171,15 @@ def test_train_step_compiles_once_and_learns_something(script):
     for step in range(7):
         agent, action, metrics, all_finite = train_step(agent, *transition(step), jnp.zeros(obs_dim, jnp.float32))
         assert bool(all_finite) and action.shape == (action_dim,)
-        evaluation_action(agent.policy.params, agent.policy.batch_stats, jnp.zeros(obs_dim, jnp.float32), jax.random.PRNGKey(step))
+        evaluation_action(
+            agent.policy.params, agent.policy.batch_stats, jnp.zeros(obs_dim, jnp.float32), jax.random.PRNGKey(step)
+        )
     assert train_step._cache_size() == 1
     assert add_transition._cache_size() == 1
     assert evaluation_action._cache_size() == 1
     assert int(agent.critic_updates) == 7
-    moved = jax.tree_util.tree_map(lambda a, b: not np.allclose(a, b), first_policy, jax.tree_util.tree_map(np.asarray, agent.policy.params))
+    moved = jax.tree_util.tree_map(
+        lambda a, b: not np.allclose(a, b), first_policy, jax.tree_util.tree_map(np.asarray, agent.policy.params)
+    )
     assert any(jax.tree_util.tree_leaves(moved))
     assert float(metrics["losses/alpha"]) != 0.2  # autotune moved α

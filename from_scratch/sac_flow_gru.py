@@ -1,0 +1,828 @@
+"""SAC Flow-G: Soft Actor-Critic with a flow-matching policy whose velocity is gated like a GRU.
+
+The policy turns Gaussian noise into an action with K Euler-Maruyama steps of a learned velocity field
+(the noise-augmented rollout of SAC Flow, arXiv 2509.25756). With Δt = 1/K and t_k = k·Δt:
+
+    A_0 ~ N(0, I)
+    v_k = v_θ(s, A_k, t_k)                                           velocity network (below)
+    b_k = (1 + t_k σ² / (2(1 − t_k))) · v_k − σ² / (2(1 − t_k)) · A_k   drift that keeps the flow's marginals
+    A_{k+1} = A_k + Δt · b_k + σ √Δt · ε_k,   ε_k ~ N(0, I)
+    a = scale · tanh(A_K) + bias
+
+Every step is Gaussian, so the log-density of the sampled path is exact:
+
+    log π = log N(A_0; 0, I) + Σ_k log N(A_{k+1}; A_k + Δt b_k, σ² Δt I) − Σ_j log(scale_j (1 − tanh(A_K)_j²) + 1e-6)
+
+σ is a state-dependent standard deviation (log σ squashed into [−5, 2]) unless --noise-std fixes it.
+Flow-G velocity (gated, GRU-like), with x = [s, A_k, φ(t_k)] and two swish MLPs (hidden layers of 512):
+
+    g = sigmoid(GateNet(x)),   ĉ = CandidateNet(x),   v_k = g ⊙ (ĉ − A_k)
+
+Why it is stable: without the noise terms a step is A_{k+1} = (1 − Δt g) ⊙ A_k + Δt g ⊙ ĉ, a GRU update that
+mixes the previous A_k with a candidate. The identity path of the step's Jacobian ∂A_{k+1}/∂A_k is scaled
+by the gate, diag(1 − Δt g) ∈ [1 − Δt, 1], instead of the Naive I + Δt ∂MLP/∂A_k, so the gradient through the
+K steps stays bounded rather than growing backward. The gate's last layer starts at zero weights and
+bias 5: g = sigmoid(5) ≈ 0.993 everywhere at first, so v ≈ ĉ − A_k, a pull towards the candidate.
+
+SAC, CrossQ style (no target network; BatchRenorm in critic and actor input):
+
+    y = r + γ (1 − terminated) (min_i Q_i(s', a') − α log π(a'|s')),   a' ~ π(·|s')
+    L_Q = Σ_i mean (Q_i(s, a) − y)²     (s, a) and (s', a') pass the critic as ONE batch; y is stop-gradient
+    L_π = mean(α log π(a_θ|s) − min_i Q_i(s, a_θ))      every `policy_delay` critic updates
+    L_α = −log α · mean(log π(a_θ|s) + H_target)
+
+Example:
+    python from_scratch/sac_flow_gru.py --env-id Humanoid-v4 --total-timesteps 1000000
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import netrc
+import os
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import flax
+import flax.linen as nn
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+import wandb
+from flax.training.train_state import TrainState
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (networks, noise, environment)"""
+    track: bool = False
+    """log to Weights & Biases (needs `wandb login`, WANDB_API_KEY, or WANDB_MODE=offline)"""
+    wandb_project_name: str = "sac-flow"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team); None uses your default"""
+    capture_video: bool = False
+    """record the first episode of each evaluation to runs/<run_name>/videos (needs a renderer: setup.md)"""
+    save_model: bool = False
+    """save the final parameters to runs/<run_name>/<exp_name>.flax"""
+
+    env_id: str = "Humanoid-v4"
+    """the gymnasium environment id (a continuous-action task, e.g. Hopper-v4 or Humanoid-v5)"""
+    total_timesteps: int = 1_000_000
+    """total environment steps"""
+    buffer_size: int = 1_000_000
+    """replay buffer slots (each episode end uses one extra slot for the final observation)"""
+    gamma: float = 0.99
+    """discount factor"""
+    batch_size: int = 512
+    """replay batch size of each update"""
+    learning_starts: int = 50_000
+    """environment steps with uniform random actions before the first update"""
+    policy_lr: float = 3e-4
+    """learning rate of the policy"""
+    q_lr: float = 1e-3
+    """learning rate of the critic and of log α"""
+    adam_beta1: float = 0.5
+    """Adam β1 of every optimiser (CrossQ uses 0.5)"""
+    policy_delay: int = 3
+    """update the actor and α once every this many critic updates"""
+    alpha: float = 0.2
+    """initial entropy coefficient α"""
+    autotune: bool = True
+    """learn α towards the target entropy"""
+    target_entropy: float = 0.0
+    """H_target of the α loss (the paper uses 0 for the path log-density)"""
+    critic_hidden: int = 1024
+    """width of the critic's two hidden layers"""
+    renorm_warmup_steps: int = 100_000
+    """BatchRenorm uses plain batch statistics for this many training calls before its r/d corrections"""
+    flow_steps: int = 4
+    """K, the number of flow (Euler-Maruyama) steps of the policy"""
+    noise_std: float = 0.0
+    """σ of the rollout noise; 0 learns a state-dependent σ (the paper's fixed form uses 0.10)"""
+    velocity_hidden: int = 512
+    """width of the two hidden layers of the gate and of the candidate network"""
+    eval_every: int = 50_000
+    """environment steps between deterministic evaluations (ε = 0 at every flow step)"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    eval_zero_initial_noise: bool = False
+    """evaluate with A_0 = 0 too (fully deterministic); by default A_0 is still sampled"""
+    log_every: int = 1_000
+    """environment steps between logged losses"""
+    console_every: int = 5_000
+    """environment steps between console progress lines"""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging
+
+
+class RunLogger:
+    """Appends every metric to runs/<run_name>/metrics.csv and, with --track, sends it to wandb."""
+
+    def __init__(self, run_dir: str, use_wandb: bool):
+        self.use_wandb = use_wandb
+        self.file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["global_step", "key", "value"])
+
+    def log(self, global_step: int, metrics: dict):
+        for key, value in metrics.items():
+            self.writer.writerow([global_step, key, float(value)])
+        self.file.flush()
+        if self.use_wandb:
+            wandb.log({key: float(value) for key, value in metrics.items()}, step=global_step)
+
+    def close(self):
+        self.file.close()
+        if self.use_wandb:
+            wandb.finish()
+
+
+def wandb_login_available() -> bool:
+    """True when wandb can log: offline/disabled mode, an API key in the environment, or a netrc entry."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks
+
+
+class BatchRenorm(nn.Module):
+    """Batch renormalisation (Ioffe, 2017), the normaliser of CrossQ.
+
+    Training mode normalises with the batch statistics μ_B, σ_B, corrected towards the running ones:
+        x̂ = (x − μ_B) / σ_B · r + d,  r = clip(σ_B / σ, 1/r_max, r_max),  d = clip((μ_B − μ) / σ, ±d_max)
+    with r = 1, d = 0 during the first `warmup_steps` training calls, and updates the running μ, σ².
+    Inference mode normalises with the running statistics. Output: γ · x̂ + β.
+    """
+
+    warmup_steps: int
+    momentum: float = 0.99
+    r_max: float = 3.0
+    d_max: float = 5.0
+    epsilon: float = 1e-3
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        features = x.shape[-1]
+        running_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros(features, jnp.float32))
+        running_var = self.variable("batch_stats", "var", lambda: jnp.ones(features, jnp.float32))
+        steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+
+        running_std = jnp.sqrt(running_var.value + self.epsilon)
+        if train:
+            batch_mean = x.mean(axis=0)
+            batch_var = x.var(axis=0)
+            batch_std = jnp.sqrt(batch_var + self.epsilon)
+            warmed_up = steps.value >= self.warmup_steps
+            r = jnp.clip(batch_std / running_std, 1.0 / self.r_max, self.r_max)
+            d = jnp.clip((batch_mean - running_mean.value) / running_std, -self.d_max, self.d_max)
+            r = jax.lax.stop_gradient(jnp.where(warmed_up, r, 1.0))
+            d = jax.lax.stop_gradient(jnp.where(warmed_up, d, 0.0))
+            x_hat = (x - batch_mean) / batch_std * r + d
+            if not self.is_initializing():
+                m = self.momentum
+                running_mean.value = m * running_mean.value + (1 - m) * jax.lax.stop_gradient(batch_mean)
+                running_var.value = m * running_var.value + (1 - m) * jax.lax.stop_gradient(batch_var)
+                steps.value = steps.value + 1
+        else:
+            x_hat = (x - running_mean.value) / running_std
+        return x_hat * scale + bias
+
+
+class QNetwork(nn.Module):
+    """One CrossQ critic: BatchRenorm → Dense → ReLU → BatchRenorm → Dense → ReLU → BatchRenorm → Dense 1."""
+
+    hidden: int
+    renorm_warmup_steps: int
+
+    @nn.compact
+    def __call__(self, obs, action, train: bool):
+        x = jnp.concatenate([obs, action], axis=-1)
+        x = BatchRenorm(self.renorm_warmup_steps)(x, train)
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        x = BatchRenorm(self.renorm_warmup_steps)(x, train)
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        x = BatchRenorm(self.renorm_warmup_steps)(x, train)
+        return nn.Dense(1)(x).squeeze(-1)
+
+
+class TimeEmbedding(nn.Module):
+    """φ(t): sinusoidal features of t ∈ [0, 1) (angular frequencies 1 to 1000) followed by a small MLP."""
+
+    dim: int = 32
+
+    @nn.compact
+    def __call__(self, t):
+        frequencies = jnp.exp(jnp.linspace(0.0, math.log(1000.0), self.dim // 2, dtype=jnp.float32))
+        features = jnp.concatenate([jnp.sin(t * frequencies), jnp.cos(t * frequencies)], axis=-1)
+        return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
+
+
+class SwishMLP(nn.Module):
+    """Dense → swish → Dense → swish → Dense, the body of the gate and of the candidate network."""
+
+    hidden: int
+    features: int
+    output_kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    output_bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.swish(nn.Dense(self.hidden)(x))
+        x = nn.swish(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.features, kernel_init=self.output_kernel_init, bias_init=self.output_bias_init)(x)
+
+
+GATE_BIAS_INIT = 5.0
+
+
+class VelocityNet(nn.Module):
+    """Flow-G velocity: v = g ⊙ (ĉ − A_k), g = sigmoid(GateNet(x)), ĉ = CandidateNet(x), x = [s, A_k, φ(t_k)]."""
+
+    action_dim: int
+    hidden: int
+
+    def setup(self):
+        # Zero weights and bias 5: the gate starts open (g ≈ 0.993) whatever the input.
+        self.gate_net = SwishMLP(
+            self.hidden, self.action_dim, nn.initializers.zeros, nn.initializers.constant(GATE_BIAS_INIT)
+        )
+        self.candidate_net = SwishMLP(self.hidden, self.action_dim)
+
+    def gate(self, x):
+        return nn.sigmoid(self.gate_net(x))
+
+    def __call__(self, state, action, time_features):
+        x = jnp.concatenate([state, action, time_features], axis=-1)
+        return self.gate(x) * (self.candidate_net(x) - action)
+
+
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
+
+
+class FlowPolicy(nn.Module):
+    """The noise-augmented flow rollout of the header, before the tanh squash.
+
+    Takes the rollout's noise as input (A_0 and ε_0..ε_{K-1}), so a path is a deterministic function of it.
+    Returns the path A_0..A_K (K+1, batch, d), σ (batch, d) and the Gaussian part of log π (batch,).
+    """
+
+    action_dim: int
+    flow_steps: int
+    noise_std: float
+    velocity_hidden: int
+    renorm_warmup_steps: int
+
+    def setup(self):
+        self.state_norm = BatchRenorm(self.renorm_warmup_steps)
+        self.time_embedding = TimeEmbedding()
+        self.velocity = VelocityNet(self.action_dim, self.velocity_hidden)
+        if self.noise_std <= 0:
+            self.log_sigma_hidden = nn.Dense(256)
+            self.log_sigma_out = nn.Dense(self.action_dim)
+
+    def velocity_at(self, state, action, t):
+        """v_θ(s, A, t) on normalised states, t a Python or scalar time shared by the batch."""
+        time_features = self.time_embedding(jnp.full((1, 1), t, jnp.float32))
+        return self.velocity(state, action, jnp.broadcast_to(time_features, (action.shape[0], time_features.shape[-1])))
+
+    def __call__(self, obs, initial_noise, step_noise, train: bool):
+        state = self.state_norm(obs, train)
+        if self.noise_std > 0:
+            sigma = jnp.full_like(initial_noise, self.noise_std)
+        else:
+            raw = jnp.tanh(self.log_sigma_out(nn.relu(self.log_sigma_hidden(state))))
+            sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
+
+        dt = 1.0 / self.flow_steps
+        action = initial_noise
+        log_prob = gaussian_log_density(initial_noise, 1.0)
+        path = [action]
+        for k in range(self.flow_steps):
+            t = k * dt
+            velocity = self.velocity_at(state, action, t)
+            compensation = sigma**2 / (2 * (1 - t))
+            drift = (1 + t * compensation) * velocity - compensation * action
+            step_std = sigma * math.sqrt(dt)
+            action = action + dt * drift + step_std * step_noise[k]
+            # A_{k+1} − (A_k + Δt b_k) = step_std · ε_k exactly, so log N(A_{k+1}; ·) needs only ε_k.
+            log_prob = log_prob + gaussian_log_density(step_noise[k], step_std)
+            path.append(action)
+        return jnp.stack(path), sigma, log_prob
+
+
+def gaussian_log_density(standard_noise, std):
+    """Σ_j log N(x_j; μ_j, std_j²) for x = μ + std · standard_noise."""
+    std = jnp.broadcast_to(std, standard_noise.shape)
+    return jnp.sum(-0.5 * standard_noise**2 - jnp.log(std) - 0.5 * math.log(2 * math.pi), axis=-1)
+
+
+def squash(pre_tanh_action, action_scale, action_bias):
+    """a = scale · tanh(A_K) + bias, and the log-determinant term log|da/dA_K| (with CleanRL's 1e-6)."""
+    y = jnp.tanh(pre_tanh_action)
+    log_det = jnp.sum(jnp.log(action_scale * (1 - y**2) + 1e-6), axis=-1)
+    return action_scale * y + action_bias, log_det
+
+
+# ----------------------------------------------------------------------------------------------------
+# Replay buffer on the device. One observation array: a transition at slot i has its next observation at
+# slot i + 1. When an episode ends, slot i + 1 keeps the final observation (not a transition itself) and
+# the next episode starts at slot i + 2. This halves the memory of storing next observations separately.
+# Slots are written in order, so the transitions that writing destroys are always the oldest: the intact
+# ones are the newest `num_valid` of the list `transition_slots`, and sampling needs no search.
+
+
+@flax.struct.dataclass
+class ReplayBuffer:
+    observations: jax.Array  # (slots, obs_dim)
+    actions: jax.Array  # (slots, action_dim)
+    rewards: jax.Array  # (slots,)
+    terminations: jax.Array  # (slots,) 1.0 where the episode terminated (not truncated)
+    is_transition: jax.Array  # (slots,) slot i holds a complete transition (its next obs is at i + 1)
+    transition_slots: jax.Array  # (slots,) the slot of the n-th transition added, at n mod slots
+    num_added: jax.Array  # () transitions added so far
+    num_valid: jax.Array  # () the newest transitions still intact
+    position: jax.Array  # () the slot of the next transition
+
+
+def create_buffer(slots: int, obs_dim: int, action_dim: int) -> ReplayBuffer:
+    return ReplayBuffer(
+        observations=jnp.zeros((slots, obs_dim), jnp.float32),
+        actions=jnp.zeros((slots, action_dim), jnp.float32),
+        rewards=jnp.zeros((slots,), jnp.float32),
+        terminations=jnp.zeros((slots,), jnp.float32),
+        is_transition=jnp.zeros((slots,), bool),
+        transition_slots=jnp.zeros((slots,), jnp.int32),
+        num_added=jnp.zeros((), jnp.int32),
+        num_valid=jnp.zeros((), jnp.int32),
+        position=jnp.zeros((), jnp.int32),
+    )
+
+
+def buffer_add(buffer: ReplayBuffer, obs, action, reward, next_obs, terminated, episode_end) -> ReplayBuffer:
+    slots = buffer.observations.shape[0]
+    i = buffer.position
+    next_i = (i + 1) % slots
+    # Overwriting slots i and i + 1 destroys the (oldest) transitions stored there, if any.
+    destroyed = buffer.is_transition[i].astype(jnp.int32) + buffer.is_transition[next_i].astype(jnp.int32)
+    return ReplayBuffer(
+        observations=buffer.observations.at[i].set(obs).at[next_i].set(next_obs),
+        actions=buffer.actions.at[i].set(action),
+        rewards=buffer.rewards.at[i].set(reward),
+        terminations=buffer.terminations.at[i].set(terminated),
+        is_transition=buffer.is_transition.at[i].set(True).at[next_i].set(False),
+        transition_slots=buffer.transition_slots.at[buffer.num_added % slots].set(i),
+        num_added=buffer.num_added + 1,
+        num_valid=buffer.num_valid + 1 - destroyed,
+        position=(i + 1 + episode_end.astype(jnp.int32)) % slots,
+    )
+
+
+def buffer_sample(buffer: ReplayBuffer, key, batch_size: int):
+    """Uniform over the intact transitions: (obs, actions, rewards, terminations, next_obs)."""
+    slots = buffer.observations.shape[0]
+    age = jax.random.randint(key, (batch_size,), 0, buffer.num_valid)
+    i = buffer.transition_slots[(buffer.num_added - 1 - age) % slots]
+    next_i = (i + 1) % slots
+    return (
+        buffer.observations[i],
+        buffer.actions[i],
+        buffer.rewards[i],
+        buffer.terminations[i],
+        buffer.observations[next_i],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Agent state, losses and the train step
+
+
+class RenormTrainState(TrainState):
+    batch_stats: dict
+
+
+@flax.struct.dataclass
+class AgentState:
+    policy: RenormTrainState
+    critic: RenormTrainState  # parameters stacked over the ensemble of 2 Q networks
+    log_alpha: jax.Array
+    alpha_opt_state: optax.OptState
+    buffer: ReplayBuffer
+    key: jax.Array
+    critic_updates: jax.Array
+    actor_metrics: dict  # the latest actor/α losses, reported between delayed actor updates
+
+
+def make_networks(args: Args, action_dim: int):
+    policy = FlowPolicy(action_dim, args.flow_steps, args.noise_std, args.velocity_hidden, args.renorm_warmup_steps)
+    q_network = QNetwork(args.critic_hidden, args.renorm_warmup_steps)
+    return policy, q_network
+
+
+def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
+    policy, q_network = make_networks(args, action_dim)
+    key, policy_key, critic_key = jax.random.split(key, 3)
+    obs = jnp.zeros((1, obs_dim), jnp.float32)
+    action = jnp.zeros((1, action_dim), jnp.float32)
+    step_noise = jnp.zeros((args.flow_steps, 1, action_dim), jnp.float32)
+    policy_vars = policy.init(policy_key, obs, action, step_noise, train=False)
+    critic_vars = jax.vmap(lambda k: q_network.init(k, obs, action, train=False))(jax.random.split(critic_key, 2))
+    log_alpha = jnp.asarray(math.log(args.alpha), jnp.float32)
+    return AgentState(
+        policy=RenormTrainState.create(
+            apply_fn=policy.apply,
+            params=policy_vars["params"],
+            batch_stats=policy_vars["batch_stats"],
+            tx=optax.adam(args.policy_lr, b1=args.adam_beta1),
+        ).replace(step=jnp.zeros((), jnp.int32)),  # create() sets a Python int 0: a second compile otherwise
+        critic=RenormTrainState.create(
+            apply_fn=q_network.apply,
+            params=critic_vars["params"],
+            batch_stats=critic_vars["batch_stats"],
+            tx=optax.adam(args.q_lr, b1=args.adam_beta1),
+        ).replace(step=jnp.zeros((), jnp.int32)),
+        log_alpha=log_alpha,
+        alpha_opt_state=optax.adam(args.q_lr, b1=args.adam_beta1).init(log_alpha),
+        buffer=create_buffer(args.buffer_size, obs_dim, action_dim),
+        key=key,
+        critic_updates=jnp.zeros((), jnp.int32),
+        # Separate arrays: the train step donates the state, and one buffer cannot be donated twice.
+        actor_metrics={
+            name: jnp.zeros((), jnp.float32) for name in ("losses/actor_loss", "losses/alpha_loss", "losses/entropy")
+        },
+    )
+
+
+def td_target(rewards, terminations, next_q_min, next_log_prob, alpha, gamma: float):
+    """y = r + γ (1 − terminated) (min_i Q_i(s', a') − α log π(a'|s'))."""
+    return rewards + gamma * (1.0 - terminations) * (next_q_min - alpha * next_log_prob)
+
+
+def alpha_loss(log_alpha, log_prob, target_entropy: float):
+    """L_α = −log α · mean(log π + H_target): α grows while the entropy −log π is below H_target."""
+    return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
+
+
+class TrainFunctions(NamedTuple):
+    train_step: Callable  # jitted; once learning has started, the one call per environment step
+    add_transition: Callable  # jitted; stores a transition before learning starts
+    evaluation_action: Callable  # jitted; deterministic action (ε = 0)
+    update_critic: Callable  # the pieces of train_step, not jitted (tests and bench/speed.py use them)
+    update_actor_and_alpha: Callable
+    sample_actions: Callable
+
+
+def make_train_functions(args: Args, action_dim: int, action_scale, action_bias) -> TrainFunctions:
+    """Builds the functions of a run. `train_step` stores the transition, updates the critic (and every
+    `policy_delay` calls the actor and α) and returns the action for the next observation."""
+    policy, q_network = make_networks(args, action_dim)
+    action_scale = jnp.asarray(action_scale, jnp.float32)
+    action_bias = jnp.asarray(action_bias, jnp.float32)
+    alpha_optimizer = optax.adam(args.q_lr, b1=args.adam_beta1)
+
+    def rollout(params, batch_stats, obs, initial_noise, step_noise, train: bool):
+        """The flow rollout and its squash: (action, log π(a|s), the policy's BatchRenorm statistics)."""
+        variables = {"params": params, "batch_stats": batch_stats}
+        if train:
+            (path, _, log_prob), updates = policy.apply(
+                variables, obs, initial_noise, step_noise, train=True, mutable=["batch_stats"]
+            )
+            batch_stats = updates["batch_stats"]
+        else:
+            path, _, log_prob = policy.apply(variables, obs, initial_noise, step_noise, train=False)
+        action, log_det = squash(path[-1], action_scale, action_bias)
+        return action, log_prob - log_det, batch_stats
+
+    def sample_actions(params, batch_stats, obs, key, train: bool):
+        initial_key, step_key = jax.random.split(key)
+        initial_noise = jax.random.normal(initial_key, (obs.shape[0], action_dim))
+        step_noise = jax.random.normal(step_key, (args.flow_steps, obs.shape[0], action_dim))
+        return rollout(params, batch_stats, obs, initial_noise, step_noise, train)
+
+    def critic_values(params, batch_stats, obs, action, train: bool):
+        """Q_i(s, a) of both ensemble members, shape (2, batch), and their (updated) statistics."""
+
+        def one_critic(p, s):
+            variables = {"params": p, "batch_stats": s}
+            if train:
+                q, updates = q_network.apply(variables, obs, action, train=True, mutable=["batch_stats"])
+                return q, updates["batch_stats"]
+            return q_network.apply(variables, obs, action, train=False), s
+
+        return jax.vmap(one_critic)(params, batch_stats)
+
+    def update_critic(agent: AgentState, batch, key):
+        obs, actions, rewards, terminations, next_obs = batch
+        alpha = jnp.exp(agent.log_alpha)
+        next_actions, next_log_prob, _ = sample_actions(
+            agent.policy.params, agent.policy.batch_stats, next_obs, key, train=False
+        )
+
+        def critic_loss_fn(params):
+            # CrossQ: current and next pairs share one training-mode batch, so both see the same statistics.
+            q, batch_stats = critic_values(
+                params,
+                agent.critic.batch_stats,
+                jnp.concatenate([obs, next_obs]),
+                jnp.concatenate([actions, next_actions]),
+                train=True,
+            )
+            q_current, q_next = jnp.split(q, 2, axis=1)
+            target = td_target(
+                rewards, terminations, jax.lax.stop_gradient(q_next.min(axis=0)), next_log_prob, alpha, args.gamma
+            )
+            loss = ((q_current - target) ** 2).mean(axis=1).sum()
+            return loss, (batch_stats, q_current.mean())
+
+        (qf_loss, (batch_stats, q_mean)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(agent.critic.params)
+        critic = agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+        return critic, {"losses/qf_loss": qf_loss, "losses/qf_values": q_mean}
+
+    def update_actor_and_alpha(policy_state, log_alpha, alpha_opt_state, critic, obs, key):
+        alpha = jnp.exp(log_alpha)
+
+        def actor_loss_fn(params):
+            actions, log_prob, batch_stats = sample_actions(params, policy_state.batch_stats, obs, key, train=True)
+            q, _ = critic_values(critic.params, critic.batch_stats, obs, actions, train=False)
+            return jnp.mean(alpha * log_prob - q.min(axis=0)), (batch_stats, log_prob)
+
+        (actor_loss, (batch_stats, log_prob)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
+            policy_state.params
+        )
+        policy_state = policy_state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+        alpha_loss_value, alpha_grad = jax.value_and_grad(alpha_loss)(log_alpha, log_prob, args.target_entropy)
+        if args.autotune:
+            alpha_updates, alpha_opt_state = alpha_optimizer.update(alpha_grad, alpha_opt_state)
+            log_alpha = optax.apply_updates(log_alpha, alpha_updates)
+        metrics = {
+            "losses/actor_loss": actor_loss,
+            "losses/alpha_loss": alpha_loss_value,
+            "losses/entropy": -log_prob.mean(),
+        }
+        return policy_state, log_alpha, alpha_opt_state, metrics
+
+    def train_step(agent: AgentState, obs, action, reward, next_obs, terminated, episode_end, policy_obs):
+        buffer = buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end)
+        key, batch_key, target_key, actor_key, action_key = jax.random.split(agent.key, 5)
+        batch = buffer_sample(buffer, batch_key, args.batch_size)
+        critic, critic_metrics = update_critic(agent, batch, target_key)
+        critic_updates = agent.critic_updates + 1
+        policy_state, log_alpha, alpha_opt_state, actor_metrics = jax.lax.cond(
+            critic_updates % args.policy_delay == 0,
+            lambda: update_actor_and_alpha(
+                agent.policy, agent.log_alpha, agent.alpha_opt_state, critic, batch[0], actor_key
+            ),
+            lambda: (agent.policy, agent.log_alpha, agent.alpha_opt_state, agent.actor_metrics),
+        )
+        next_action, _, _ = sample_actions(
+            policy_state.params, policy_state.batch_stats, policy_obs[None], action_key, train=False
+        )
+        agent = AgentState(
+            policy=policy_state,
+            critic=critic,
+            log_alpha=log_alpha,
+            alpha_opt_state=alpha_opt_state,
+            buffer=buffer,
+            key=key,
+            critic_updates=critic_updates,
+            actor_metrics=actor_metrics,
+        )
+        metrics = {**critic_metrics, **actor_metrics, "losses/alpha": jnp.exp(log_alpha)}
+        all_finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+        return agent, next_action[0], metrics, all_finite
+
+    def add_transition(agent: AgentState, obs, action, reward, next_obs, terminated, episode_end):
+        return agent.replace(buffer=buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end))
+
+    def evaluation_action(params, batch_stats, obs, key):
+        """Deterministic action: ε = 0 at every flow step; A_0 sampled unless --eval-zero-initial-noise."""
+        initial_noise = jax.random.normal(key, (1, action_dim))
+        if args.eval_zero_initial_noise:
+            initial_noise = jnp.zeros_like(initial_noise)
+        step_noise = jnp.zeros((args.flow_steps, 1, action_dim))
+        action, _, _ = rollout(params, batch_stats, obs[None], initial_noise, step_noise, train=False)
+        return action[0]
+
+    return TrainFunctions(
+        train_step=jax.jit(train_step, donate_argnums=0),
+        add_transition=jax.jit(add_transition, donate_argnums=0),
+        evaluation_action=jax.jit(evaluation_action),
+        update_critic=update_critic,
+        update_actor_and_alpha=update_actor_and_alpha,
+        sample_actions=sample_actions,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Environment, evaluation and the training loop
+
+
+def make_env(env_id: str, seed: int, video_dir: str | None = None, video_every: int = 1) -> gym.Env:
+    """One environment with episode statistics; a one-line error for ids gymnasium cannot make."""
+    try:
+        env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
+    except gym.error.Error as error:
+        raise SystemExit(f"error: cannot make environment '{env_id}': {str(error).splitlines()[0]}")
+    if not isinstance(env.action_space, gym.spaces.Box):
+        raise SystemExit(
+            f"error: {env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous (Box) one"
+        )
+    if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
+        raise SystemExit(f"error: {env_id} has an unbounded action space; SAC's tanh squash needs finite bounds")
+    if video_dir:
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode % video_every == 0)
+    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env.action_space.seed(seed)
+    return env
+
+
+def evaluate(env: gym.Env, evaluation_action, agent: AgentState, episodes: int, key) -> float:
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done = False
+        while not done:
+            key, action_key = jax.random.split(key)
+            action = evaluation_action(
+                agent.policy.params, agent.policy.batch_stats, jnp.asarray(obs, jnp.float32), action_key
+            )
+            obs, _, terminated, truncated, info = env.step(np.asarray(action))
+            done = terminated or truncated
+        returns.append(info["episode"]["r"])
+    return float(np.mean(returns))
+
+
+def check_args(args: Args):
+    positive = (
+        "total_timesteps",
+        "buffer_size",
+        "batch_size",
+        "flow_steps",
+        "policy_delay",
+        "alpha",
+        "eval_every",
+        "log_every",
+        "console_every",
+    )
+    for name in positive:
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("learning_starts", "eval_episodes", "noise_std"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be zero or positive, got {getattr(args, name)}")
+    if args.batch_size > args.buffer_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
+    if args.learning_starts < args.batch_size:
+        raise SystemExit(
+            f"error: --learning-starts {args.learning_starts} is smaller than --batch-size {args.batch_size}"
+        )
+    if args.track and not wandb_login_available():
+        raise SystemExit(
+            "error: --track needs a wandb login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
+        )
+    if args.capture_video:
+        try:
+            import moviepy  # noqa: F401  (gymnasium's RecordVideo writes with it)
+        except ImportError:
+            raise SystemExit("error: --capture-video needs moviepy: pip install -r requirements.txt")
+
+
+def main():
+    args = tyro.cli(Args)
+    check_args(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists(run_dir):
+        raise SystemExit(f"error: {run_dir} already exists; not overwriting it")
+    env = make_env(args.env_id, args.seed)
+    eval_env = make_env(
+        args.env_id,
+        args.seed + 1,
+        os.path.join(run_dir, "videos") if args.capture_video else None,
+        max(args.eval_episodes, 1),
+    )
+    os.makedirs(run_dir, exist_ok=True)  # RecordVideo may have made it already
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    if args.track:
+        wandb.init(
+            project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args), dir=run_dir
+        )
+    logger = RunLogger(run_dir, args.track)
+
+    obs_dim = env.observation_space.shape[0]
+    action_dim = env.action_space.shape[0]
+    action_scale = (env.action_space.high - env.action_space.low) / 2
+    action_bias = (env.action_space.high + env.action_space.low) / 2
+    key, eval_key = jax.random.split(jax.random.PRNGKey(args.seed))
+    agent = create_agent(args, key, obs_dim, action_dim)
+    train_step, add_transition, evaluation_action, *_ = make_train_functions(
+        args, action_dim, action_scale, action_bias
+    )
+
+    obs, _ = env.reset(seed=args.seed)
+    eval_env.reset(seed=args.seed + 1)
+    action = env.action_space.sample()
+    start_time = window_time = time.time()
+    window_start_step = 0
+    latest_return = float("nan")
+    for global_step in range(args.total_timesteps):
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        episode_end = terminated or truncated
+        if episode_end:
+            latest_return = float(info["episode"]["r"])
+            logger.log(
+                global_step, {"charts/episodic_return": latest_return, "charts/episodic_length": info["episode"]["l"]}
+            )
+            policy_obs, _ = env.reset()
+        else:
+            policy_obs = next_obs
+        transition = (
+            jnp.asarray(obs, jnp.float32),
+            jnp.asarray(action, jnp.float32),
+            jnp.float32(reward),
+            jnp.asarray(next_obs, jnp.float32),  # the real final observation, also on truncation
+            jnp.float32(terminated),
+            jnp.bool_(episode_end),
+        )
+        if global_step + 1 >= args.learning_starts:
+            agent, action, metrics, all_finite = train_step(agent, *transition, jnp.asarray(policy_obs, jnp.float32))
+            action = np.asarray(action)
+            if not all_finite:
+                metrics = jax.device_get(metrics)
+                bad = ", ".join(f"{k}={v}" for k, v in metrics.items() if not np.isfinite(v))
+                with open(os.path.join(run_dir, "nonfinite_state.flax"), "wb") as f:
+                    f.write(flax.serialization.to_bytes({"policy": agent.policy.params, "critic": agent.critic.params}))
+                raise SystemExit(
+                    f"error: non-finite loss at step {global_step}: {bad} (parameters saved to {run_dir}/nonfinite_state.flax)"
+                )
+            if (global_step + 1) % args.log_every == 0:
+                logger.log(global_step, jax.device_get(metrics))
+        else:
+            agent = add_transition(agent, *transition)
+            action = env.action_space.sample()
+        obs = policy_obs
+
+        step = global_step + 1
+        if step % args.console_every == 0 or step == args.total_timesteps:
+            now = time.time()
+            sps = (step - window_start_step) / (now - window_time)
+            logger.log(global_step, {"charts/SPS": sps})
+            eta = (args.total_timesteps - step) / max(sps, 1e-9)
+            print(
+                f"step {step}/{args.total_timesteps} | SPS {sps:.0f} | ETA {eta / 3600:.1f}h | latest return {latest_return:.1f}",
+                flush=True,
+            )
+            window_time, window_start_step = now, step
+        if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_timesteps):
+            eval_start = time.time()
+            eval_key, key_now = jax.random.split(eval_key)
+            eval_return = evaluate(eval_env, evaluation_action, agent, args.eval_episodes, key_now)
+            logger.log(global_step, {"eval/episodic_return": eval_return})
+            print(f"step {step}: eval return {eval_return:.1f} over {args.eval_episodes} episodes", flush=True)
+            window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
+
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
+        with open(model_path, "wb") as f:
+            f.write(
+                flax.serialization.to_bytes(
+                    {
+                        "policy": {"params": agent.policy.params, "batch_stats": agent.policy.batch_stats},
+                        "critic": {"params": agent.critic.params, "batch_stats": agent.critic.batch_stats},
+                        "log_alpha": agent.log_alpha,
+                    }
+                )
+            )
+        print(f"model saved to {model_path}")
+    env.close()
+    eval_env.close()
+    logger.close()
+    print(f"done in {time.time() - start_time:.0f}s; logs in {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,723 @@
+"""QC-FQL: flow Q-learning with action chunking, offline-to-online on OGBench (JAX, cleanrl style).
+
+With `--horizon-length 1` this is plain FQL (Park et al., 2025); with h > 1 it is QC-FQL
+(Li et al., 2025, "Reinforcement Learning with Action Chunking"), the baseline that SAC Flow's
+offline-to-online experiments build on.
+
+The policy acts in chunks: it outputs h actions a_{t:t+h} as one vector of h*d numbers, and the whole
+chunk runs open-loop in the environment. Everything below works on chunks A = a_{t:t+h}.
+
+Critic: 2 Q networks Q_i(s, A) (MLP 4x512, GELU, LayerNorm), target network with Polyak rate tau.
+    y = sum_{i<h} gamma^i r_{t+i} + gamma^h * m * mean_i Qtarget_i(s_{t+h}, A'),   A' = mu(s_{t+h}, z)
+    m = 0 if the task was solved at any step of the chunk (no bootstrapping after success), else 1
+    L_Q = mean over (i, batch) of valid * (Q_i(s_t, A_t) - y)^2
+  where valid = 0 for chunks that run past the end of an episode (their rewards would mix two episodes).
+Flow BC policy v(s, x, t) (MLP 4x512, GELU), trained by flow matching on data chunks:
+    x_0 ~ N(0, I), x_1 = A_t, t ~ U[0, 1], x_t = (1 - t) x_0 + t x_1
+    L_BC = mean || v(s, x_t, t) - (x_1 - x_0) ||^2   (actions after an episode end are masked out)
+  and sampled with `flow_steps` Euler steps x <- x + v(s, x, k/K) / K from x_0 = z, then clipped to [-1, 1].
+One-step policy mu(s, z) (MLP 4x512, GELU), the policy that acts:
+    L_mu = alpha * mean || mu(s, z) - flow(s, z) ||^2 - mean_b mean_i Q_i(s, clip(mu(s, z), -1, 1))
+All three losses are summed and minimised by one Adam step per update (each gradient reaches only its own
+network). Offline: updates on the dataset. Online: the dataset is the initial replay buffer, each
+environment step appends one transition and makes one update.
+
+Example:
+    python offline_to_online/make_dataset.py --env-name cube-triple-play-v0
+    python offline_to_online/qc_fql.py --env-name cube-triple-play-singletask-task4-v0 --alpha 100 --horizon-length 5
+"""
+
+import csv
+import dataclasses
+import functools
+import json
+import netrc
+import os
+import time
+import urllib.parse
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import flax
+import flax.linen as nn
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ogbench  # noqa: F401  (registers the OGBench environments with gymnasium)
+import optax
+import tyro
+import wandb
+from ogbench.relabel_utils import relabel_dataset
+from ogbench.utils import load_dataset
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    track: bool = False
+    """log to Weights and Biases (needs a wandb login)"""
+    wandb_project_name: str = "sac-flow"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the final parameters to runs/<run_name>/<exp_name>.flax"""
+
+    env_name: str = "cube-triple-play-singletask-task4-v0"
+    """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0)"""
+    dataset_dir: str | None = None
+    """directory holding <dataset>.npz (None: ~/.ogbench/data); make it with offline_to_online/make_dataset.py"""
+    sparse: bool = False
+    """sparse reward as in QC: reward 0 when the whole task is solved, -1 otherwise (instead of -#unsolved subtasks)"""
+    max_episode_steps: int | None = None
+    """override the environment's time limit (None: the env's own, 1000 for cube tasks); for quick tests"""
+
+    offline_steps: int = 1_000_000
+    """number of offline updates on the dataset"""
+    online_steps: int = 1_000_000
+    """number of online environment steps (one update each)"""
+    online_learning_starts: int = 5000
+    """online updates start at this online step; steps before it only collect data (QC's start_training)"""
+    eval_interval: int = 100_000
+    """evaluate every this many steps of each phase (and at the end of each phase)"""
+    eval_episodes: int = 50
+    """episodes per evaluation (0: no evaluation)"""
+    log_interval: int = 5000
+    """log losses and speed every this many steps"""
+    offline_scan_length: int = 1000
+    """offline updates per jitted call (jax.lax.scan), clipped to the steps left before the next log/eval"""
+
+    horizon_length: int = 5
+    """action chunk length h (1: plain FQL)"""
+    batch_size: int = 256
+    """batch size of each update"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of all networks"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target critic Polyak rate"""
+    alpha: float = 100.0
+    """distillation coefficient of the one-step policy (100 in the README commands)"""
+    flow_steps: int = 10
+    """Euler steps of the flow BC policy"""
+    critic_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    """hidden layers of each Q network (with LayerNorm)"""
+    actor_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    """hidden layers of the flow BC policy and of the one-step policy"""
+    num_qs: int = 2
+    """number of Q networks in the critic ensemble"""
+
+
+class RunLogger:
+    """Appends every metric to runs/<run_name>/metrics.csv and, with --track, sends it to wandb."""
+
+    def __init__(self, run_dir: str, use_wandb: bool):
+        self.use_wandb = use_wandb
+        self.file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["global_step", "key", "value"])
+
+    def log(self, global_step: int, metrics: dict):
+        for key, value in metrics.items():
+            self.writer.writerow([global_step, key, float(value)])
+        self.file.flush()
+        if self.use_wandb:
+            wandb.log(metrics, step=global_step)
+
+    def close(self):
+        self.file.close()
+        if self.use_wandb:
+            wandb.finish()
+
+
+def wandb_login_available() -> bool:
+    """True when wandb can log: offline/disabled mode, an API key in the environment, or a netrc entry."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: OGBench dataset -> replay buffer on the device
+# ----------------------------------------------------------------------------------------------------
+
+
+def split_ogbench_name(name: str) -> tuple[str, str]:
+    """'cube-triple-play-singletask-task4-v0' -> env id 'cube-triple-singletask-task4-v0', dataset 'cube-triple-play-v0'
+    (the same rule as ogbench.make_env_and_datasets)."""
+    parts = name.split("-")
+    if "singletask" not in parts:
+        raise SystemExit(
+            f"error: --env-name {name} is not an OGBench single-task name (<env>-<type>-singletask-...-v0)"
+        )
+    pos = parts.index("singletask")
+    return "-".join(parts[: pos - 1] + parts[pos:]), "-".join(parts[:pos] + parts[-1:])
+
+
+def load_ogbench_dataset(path: str, env_id: str, env: gym.Env, make_it: str) -> dict:
+    """Loads <dataset>.npz as OGBench does (transitions with next_observations, rewards and masks relabelled from
+    qpos for the env's task) and checks it fits the env; a bad file ends the run with one line naming `make_it`."""
+    try:
+        dataset = load_dataset(path, compact_dataset=False, add_info=True)
+    except KeyError as e:
+        raise SystemExit(f"error: dataset file {path} lacks a required array ({e.args[0]}); remake it with: {make_it}")
+    except IndexError:  # the boolean terminal mask does not fit the other arrays
+        raise SystemExit(f"error: dataset file {path} has arrays of different lengths; remake it with: {make_it}")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise SystemExit(f"error: dataset file {path} is not a readable .npz file; remake it with: {make_it}")
+    expected = {
+        "observations": env.observation_space.shape,
+        "actions": env.action_space.shape,
+        "qpos": env.unwrapped._data.qpos.shape,
+    }
+    for key, shape in expected.items():
+        if key not in dataset or dataset[key].shape[1:] != shape or len(dataset[key]) != len(dataset["observations"]):
+            got = dataset[key].shape if key in dataset else "nothing"
+            needed = ", ".join(map(str, shape))
+            raise SystemExit(
+                f"error: dataset file {path} has {key} of shape {got}, but {env_id} needs (N, {needed}); "
+                f"remake it with: {make_it}"
+            )
+    relabel_dataset(env_id, env, dataset)  # rewards = #solved - #subtasks, masks = 0 once all are solved
+    return dataset
+
+
+def make_replay_buffer(dataset: dict, capacity: int, sparse: bool) -> dict:
+    """Device arrays of `capacity` rows whose first len(dataset) rows hold the dataset. `terminals` marks the last
+    transition of every episode (so chunks never mix episodes); `masks` is 0 where the task is solved (no bootstrap)."""
+    size = len(dataset["observations"])
+    rewards = dataset["rewards"]
+    if sparse:
+        rewards = (rewards != 0.0) * -1.0  # as QC: 0 when the task is solved, -1 otherwise
+    columns = {
+        "observations": dataset["observations"],
+        # As QC, keep data actions strictly inside the bounds the policies can output.
+        "actions": np.clip(dataset["actions"], -1 + 1e-5, 1 - 1e-5),
+        "rewards": rewards,
+        "masks": dataset["masks"],
+        "terminals": dataset["terminals"],
+        "next_observations": dataset["next_observations"],
+    }
+    buffer = {}
+    for key, values in columns.items():
+        column = np.zeros((capacity, *values.shape[1:]), dtype=np.float32)
+        column[:size] = values
+        buffer[key] = jnp.asarray(column)
+    return buffer
+
+
+def sample_chunk_batch(buffer: dict, buffer_size, key, batch_size: int, horizon_length: int) -> dict:
+    """Uniformly samples `batch_size` windows of h consecutive transitions among the first `buffer_size` rows."""
+    start = jax.random.randint(key, (batch_size,), 0, buffer_size - horizon_length + 1)
+    steps = start[:, None] + jnp.arange(horizon_length)  # (B, h)
+    return {
+        "observations": buffer["observations"][start],
+        "action_chunks": buffer["actions"][steps].reshape(batch_size, -1),  # (B, h*d), a_t first
+        "rewards": buffer["rewards"][steps],
+        "masks": buffer["masks"][steps],
+        "terminals": buffer["terminals"][steps],
+        "next_observations": buffer["next_observations"][start + horizon_length - 1],  # s_{t+h}
+    }
+
+
+def add_transition(buffer: dict, position, transition: dict) -> dict:
+    """Writes one transition at row `position`."""
+    return {key: column.at[position].set(transition[key]) for key, column in buffer.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Math: chunked TD target and flow matching
+# ----------------------------------------------------------------------------------------------------
+
+
+def chunked_td_target(rewards, masks, terminals, next_q, gamma):
+    """Chunked TD target and validity of each chunk step, as QC-FQL.
+
+    rewards, masks, terminals: (B, h) of the h transitions starting at s_t; next_q: (B,) value of s_{t+h}.
+    target = sum_{i<h} gamma^i r_{t+i} + gamma^h * min_i(masks) * next_q  (no bootstrap once the task is solved)
+    valid[:, i] = 0 when an episode ended at a step before i (that action and reward belong to another episode);
+    the critic uses valid[:, -1], so chunks that cross an episode end are dropped (ending exactly at the chunk's
+    last step is fine: then s_{t+h} is that episode's true next state).
+    """
+    horizon = rewards.shape[-1]
+    reward_sum = jnp.sum(rewards * gamma ** jnp.arange(horizon), axis=-1)
+    bootstrap = jnp.min(masks, axis=-1)
+    target = reward_sum + gamma**horizon * bootstrap * next_q
+    ended_before = jnp.cumsum(terminals, axis=-1) - terminals  # number of episode ends at steps < i
+    valid = (ended_before == 0).astype(rewards.dtype)
+    return target, valid
+
+
+def flow_matching_loss(velocity_fn, observations, action_chunks, valid, noise, times):
+    """Masked flow-matching BC loss: mean || v(s, x_t, t) - (x_1 - x_0) ||^2 with x_t = (1-t) x_0 + t x_1,
+    x_0 = noise (B, h*d), x_1 = action_chunks (B, h*d), t = times (B, 1); entries of actions whose chunk step is
+    not valid count as zero (the mean still divides by B*h*d, as QC)."""
+    x_t = (1.0 - times) * noise + times * action_chunks
+    squared_error = (velocity_fn(observations, x_t, times) - (action_chunks - noise)) ** 2
+    batch_size, horizon = valid.shape
+    return jnp.mean(squared_error.reshape(batch_size, horizon, -1) * valid[:, :, None])
+
+
+def flow_policy_actions(velocity_fn, observations, noise, flow_steps: int):
+    """Integrates the flow from x_0 = noise with `flow_steps` Euler steps; returns chunks clipped to [-1, 1]."""
+    x = noise
+    for k in range(flow_steps):
+        t = jnp.full((*x.shape[:-1], 1), k / flow_steps, dtype=x.dtype)
+        x = x + velocity_fn(observations, x, t) / flow_steps
+    return jnp.clip(x, -1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    hidden_dims: Sequence[int]
+    output_dim: int
+    layer_norm: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.xavier_uniform()
+        for width in self.hidden_dims:
+            x = nn.gelu(nn.Dense(width, kernel_init=init)(x))
+            if self.layer_norm:
+                x = nn.LayerNorm()(x)
+        return nn.Dense(self.output_dim, kernel_init=init)(x)
+
+
+class Critic(nn.Module):
+    """Ensemble of Q(s, A) networks; returns (num_qs, B)."""
+
+    hidden_dims: Sequence[int]
+    num_qs: int
+
+    @nn.compact
+    def __call__(self, observations, action_chunks):
+        ensemble = nn.vmap(
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=self.num_qs,
+        )
+        q = ensemble(self.hidden_dims, 1, layer_norm=True)(jnp.concatenate([observations, action_chunks], -1))
+        return q.squeeze(-1)
+
+
+class VelocityField(nn.Module):
+    """Flow BC policy's velocity v(s, x, t) for a whole chunk."""
+
+    hidden_dims: Sequence[int]
+    chunk_dim: int
+
+    @nn.compact
+    def __call__(self, observations, x, t):
+        return MLP(self.hidden_dims, self.chunk_dim)(jnp.concatenate([observations, x, t], -1))
+
+
+class OneStepPolicy(nn.Module):
+    """mu(s, z): maps a noise vector to a chunk in one network call."""
+
+    hidden_dims: Sequence[int]
+    chunk_dim: int
+
+    @nn.compact
+    def __call__(self, observations, noise):
+        return MLP(self.hidden_dims, self.chunk_dim)(jnp.concatenate([observations, noise], -1))
+
+
+@dataclass(frozen=True)
+class QCFQL:
+    """The networks, optimizer and hyperparameters the jitted functions below close over."""
+
+    critic: Critic
+    velocity_field: VelocityField
+    onestep_policy: OneStepPolicy
+    optimizer: optax.GradientTransformation
+    chunk_dim: int
+    horizon_length: int
+    batch_size: int
+    gamma: float
+    tau: float
+    alpha: float
+    flow_steps: int
+
+
+@flax.struct.dataclass
+class AgentState:
+    params: dict  # {"critic", "velocity_field", "onestep_policy"}
+    target_critic_params: dict
+    opt_state: optax.OptState
+
+
+def make_agent(args: Args, obs_dim: int, action_dim: int) -> tuple[QCFQL, AgentState]:
+    chunk_dim = args.horizon_length * action_dim
+    agent = QCFQL(
+        critic=Critic(args.critic_hidden_dims, args.num_qs),
+        velocity_field=VelocityField(args.actor_hidden_dims, chunk_dim),
+        onestep_policy=OneStepPolicy(args.actor_hidden_dims, chunk_dim),
+        optimizer=optax.adam(args.learning_rate),
+        chunk_dim=chunk_dim,
+        horizon_length=args.horizon_length,
+        batch_size=args.batch_size,
+        gamma=args.gamma,
+        tau=args.tau,
+        alpha=args.alpha,
+        flow_steps=args.flow_steps,
+    )
+    critic_key, velocity_key, onestep_key = jax.random.split(jax.random.key(args.seed), 3)
+    obs = jnp.zeros((1, obs_dim), jnp.float32)
+    chunk = jnp.zeros((1, chunk_dim), jnp.float32)
+    params = {
+        "critic": agent.critic.init(critic_key, obs, chunk),
+        "velocity_field": agent.velocity_field.init(velocity_key, obs, chunk, jnp.zeros((1, 1), jnp.float32)),
+        "onestep_policy": agent.onestep_policy.init(onestep_key, obs, chunk),
+    }
+    # The target starts as a copy (not the same buffers: the jitted updates donate their inputs).
+    state = AgentState(params, jax.tree.map(jnp.copy, params["critic"]), agent.optimizer.init(params))
+    return agent, state
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses and updates
+# ----------------------------------------------------------------------------------------------------
+
+
+def qc_fql_loss(params, target_critic_params, agent: QCFQL, batch: dict, key):
+    """Critic loss + flow BC loss + one-step policy loss; stop_gradient keeps each gradient in its own network."""
+    next_key, bc_noise_key, time_key, distill_key = jax.random.split(key, 4)
+    observations, action_chunks = batch["observations"], batch["action_chunks"]
+    shape = action_chunks.shape
+
+    # Critic. The target chunk A' comes from the one-step policy; QC-FQL's default (q_agg="mean") averages
+    # the target Q ensemble (not the min) for the TD target.
+    next_noise = jax.random.normal(next_key, shape)
+    next_chunks = jnp.clip(
+        agent.onestep_policy.apply(params["onestep_policy"], batch["next_observations"], next_noise), -1, 1
+    )
+    next_q = agent.critic.apply(target_critic_params, batch["next_observations"], next_chunks).mean(axis=0)
+    target, valid = chunked_td_target(batch["rewards"], batch["masks"], batch["terminals"], next_q, agent.gamma)
+    q = agent.critic.apply(params["critic"], observations, action_chunks)
+    qf_loss = jnp.mean(valid[:, -1] * (q - jax.lax.stop_gradient(target)) ** 2)
+
+    # Flow BC policy.
+    def velocity(p):
+        return lambda s, x, t: agent.velocity_field.apply(p, s, x, t)
+
+    bc_flow_loss = flow_matching_loss(
+        velocity(params["velocity_field"]),
+        observations,
+        action_chunks,
+        valid,
+        jax.random.normal(bc_noise_key, shape),
+        jax.random.uniform(time_key, (shape[0], 1)),
+    )
+
+    # One-step policy: distil the flow policy's chunk for the same noise, and maximise the mean Q
+    # (QC-FQL does not normalise this Q term: its normalize_q_loss is off).
+    noise = jax.random.normal(distill_key, shape)
+    flow_chunks = flow_policy_actions(
+        velocity(jax.lax.stop_gradient(params["velocity_field"])), observations, noise, agent.flow_steps
+    )
+    onestep_chunks = agent.onestep_policy.apply(params["onestep_policy"], observations, noise)
+    distill_loss = jnp.mean((onestep_chunks - flow_chunks) ** 2)
+    q_policy = agent.critic.apply(
+        jax.lax.stop_gradient(params["critic"]), observations, jnp.clip(onestep_chunks, -1, 1)
+    )
+    q_loss = -q_policy.mean()
+    actor_loss = bc_flow_loss + agent.alpha * distill_loss + q_loss
+
+    metrics = {
+        "losses/qf_loss": qf_loss,
+        "losses/qf_values": q.mean(),
+        "losses/actor_loss": actor_loss,
+        "losses/bc_flow_loss": bc_flow_loss,
+        "losses/distill_loss": distill_loss,
+        "losses/q_loss": q_loss,
+        "losses/valid_chunk_fraction": valid[:, -1].mean(),
+    }
+    return qf_loss + actor_loss, metrics
+
+
+def update_step(agent: QCFQL, state: AgentState, buffer: dict, buffer_size, key):
+    """One Adam step on a batch of chunks from the buffer, then a Polyak update of the target critic."""
+    batch_key, loss_key = jax.random.split(key)
+    batch = sample_chunk_batch(buffer, buffer_size, batch_key, agent.batch_size, agent.horizon_length)
+    grads, metrics = jax.grad(qc_fql_loss, has_aux=True)(
+        state.params, state.target_critic_params, agent, batch, loss_key
+    )
+    updates, opt_state = agent.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    target_critic_params = optax.incremental_update(params["critic"], state.target_critic_params, agent.tau)
+    return AgentState(params, target_critic_params, opt_state), metrics
+
+
+def offline_updates(agent: QCFQL, state: AgentState, buffer: dict, buffer_size, key, num_updates: int):
+    """`num_updates` updates in one jax.lax.scan; returns the new state and the metrics averaged over the block."""
+
+    def body(state, step_key):
+        return update_step(agent, state, buffer, buffer_size, step_key)
+
+    state, metrics = jax.lax.scan(body, state, jax.random.split(key, num_updates))
+    return state, jax.tree.map(jnp.mean, metrics)
+
+
+def sample_chunks(agent: QCFQL, params: dict, observations, key):
+    """The acting policy: one-step policy with fresh noise, clipped to the action bounds. (B, h*d)."""
+    noise = jax.random.normal(key, (observations.shape[0], agent.chunk_dim))
+    return jnp.clip(agent.onestep_policy.apply(params["onestep_policy"], observations, noise), -1, 1)
+
+
+def online_collect(agent: QCFQL, state: AgentState, buffer: dict, position, transition: dict, observation, key):
+    """Before online learning starts: store the transition and propose a chunk for `observation`."""
+    buffer = add_transition(buffer, position, transition)
+    return buffer, sample_chunks(agent, state.params, observation[None], key)[0]
+
+
+def online_step(agent: QCFQL, state: AgentState, buffer: dict, position, transition: dict, observation, key):
+    """Store the transition at row `position`, make one update on the buffer, propose a chunk for `observation`."""
+    update_key, act_key = jax.random.split(key)
+    buffer = add_transition(buffer, position, transition)
+    state, metrics = update_step(agent, state, buffer, position + 1, update_key)
+    return state, buffer, metrics, sample_chunks(agent, state.params, observation[None], act_key)[0]
+
+
+def evaluate(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_length: int, action_dim: int):
+    """Mean success (OGBench's info['success'] at the episode's end) and mean return; chunks run open-loop."""
+    successes, returns = [], []
+    for episode in range(num_episodes):
+        observation, _ = env.reset()
+        episode_return, done, queue = 0.0, False, []
+        while not done:
+            if not queue:
+                key, act_key = jax.random.split(key)
+                chunk = np.asarray(act(params, np.asarray(observation, np.float32)[None], act_key)[0])
+                queue = list(chunk.reshape(horizon_length, action_dim))
+            observation, reward, terminated, truncated, info = env.step(queue.pop(0))
+            episode_return += float(reward)
+            done = terminated or truncated
+        successes.append(float(info["success"]))
+        returns.append(episode_return)
+    return float(np.mean(successes)), float(np.mean(returns))
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------
+
+
+def main():
+    args = tyro.cli(Args)
+    for name in (
+        "horizon_length",
+        "batch_size",
+        "flow_steps",
+        "log_interval",
+        "eval_interval",
+        "offline_scan_length",
+        "num_qs",
+    ):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("offline_steps", "online_steps", "online_learning_starts", "eval_episodes"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.max_episode_steps is not None and args.max_episode_steps < 1:
+        raise SystemExit(f"error: --max-episode-steps must be >= 1, got {args.max_episode_steps}")
+    if args.track and not wandb_login_available():
+        raise SystemExit(
+            "error: --track needs a wandb login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
+        )
+    env_id, dataset_name = split_ogbench_name(args.env_name)
+    if env_id not in gym.envs.registry:
+        raise SystemExit(f"error: unknown OGBench environment {env_id} (from --env-name {args.env_name})")
+    run_name = f"{args.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists(run_dir):
+        raise SystemExit(f"error: run directory {run_dir} already exists")
+
+    dataset_dir = os.path.expanduser(args.dataset_dir if args.dataset_dir is not None else "~/.ogbench/data")
+    dataset_path = os.path.join(dataset_dir, f"{dataset_name}.npz")
+    make_it = f"python offline_to_online/make_dataset.py --env-name {dataset_name} --dataset-dir {dataset_dir}"
+    if not os.path.isfile(dataset_path):
+        raise SystemExit(f"error: dataset file {dataset_path} not found; make it with: {make_it}")
+
+    # This script never renders: without a GL setting, MuJoCo (imported by gym.make) looks for an X display and
+    # warns on headless machines. OGBench declares float64 observation bounds; gymnasium's cast warning is harmless.
+    os.environ.setdefault("MUJOCO_GL", "disable")
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+    env_kwargs = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
+    env = gym.make(env_id, **env_kwargs)
+    eval_env = gym.make(env_id, **env_kwargs)
+    dataset = load_ogbench_dataset(dataset_path, env_id, env, make_it)
+    dataset_size = len(dataset["observations"])
+    if dataset_size < max(args.batch_size, args.horizon_length):
+        raise SystemExit(
+            f"error: dataset {dataset_path} has {dataset_size} transitions, fewer than --batch-size {args.batch_size} "
+            f"or --horizon-length {args.horizon_length}"
+        )
+
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    if args.track:
+        wandb.init(
+            project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args), dir=run_dir
+        )
+    logger = RunLogger(run_dir, args.track)
+    print(f"run {run_name}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}", flush=True)
+
+    obs_dim = env.observation_space.shape[0]
+    action_dim = env.action_space.shape[0]
+    agent, state = make_agent(args, obs_dim, action_dim)
+    buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
+    del dataset
+
+    offline_block = jax.jit(functools.partial(offline_updates, agent), static_argnames="num_updates", donate_argnums=0)
+    act = jax.jit(functools.partial(sample_chunks, agent))
+    collect = jax.jit(functools.partial(online_collect, agent), donate_argnums=1)
+    learn = jax.jit(functools.partial(online_step, agent), donate_argnums=(0, 1))
+    key = jax.random.key(args.seed)
+    offline_key, online_key, eval_key = jax.random.split(key, 3)
+    eval_env.reset(seed=args.seed + 1)
+
+    def run_evaluation(global_step: int):
+        nonlocal eval_key
+        if args.eval_episodes == 0:
+            return
+        eval_key, this_key = jax.random.split(eval_key)
+        success, episodic_return = evaluate(
+            eval_env, act, state.params, this_key, args.eval_episodes, args.horizon_length, action_dim
+        )
+        logger.log(global_step, {"eval/success": success, "eval/episodic_return": episodic_return})
+        print(f"eval at step {global_step}: success {success:.3f}, return {episodic_return:.1f}", flush=True)
+
+    # Offline phase: blocks of updates, each one jitted scan over batches sampled on the device.
+    step, window_start, window_steps = 0, time.time(), 0
+    while step < args.offline_steps:
+        next_stop = min(
+            args.offline_steps,
+            (step // args.log_interval + 1) * args.log_interval,
+            (step // args.eval_interval + 1) * args.eval_interval,
+        )
+        num_updates = min(args.offline_scan_length, next_stop - step)
+        state, metrics = offline_block(
+            state, buffer, np.int32(dataset_size), jax.random.fold_in(offline_key, step), num_updates=num_updates
+        )
+        step += num_updates
+        window_steps += num_updates
+        if step % args.log_interval == 0 or step == args.offline_steps:
+            jax.block_until_ready(state)
+            rate = window_steps / (time.time() - window_start)
+            logger.log(step, {**metrics, "charts/updates_per_s": rate})
+            eta = format_eta((args.offline_steps - step) / rate)
+            print(
+                f"offline step {step}/{args.offline_steps}  updates/s {rate:.1f}  ETA {eta}  "
+                f"qf_loss {float(metrics['losses/qf_loss']):.4f}",
+                flush=True,
+            )
+            window_start, window_steps = time.time(), 0
+        if step % args.eval_interval == 0 or step == args.offline_steps:
+            run_evaluation(step)
+            window_start, window_steps = time.time(), 0
+
+    # Online phase: the dataset is the start of the replay buffer; each env step appends one transition,
+    # makes one update and proposes the chunk for the next observation (used when the previous one has run out).
+    observation, _ = env.reset(seed=args.seed)
+    queue = list(
+        np.asarray(act(state.params, np.asarray(observation, np.float32)[None], online_key)[0]).reshape(
+            args.horizon_length, action_dim
+        )
+    )
+    episode_return, episode_length, position = 0.0, 0, dataset_size
+    window_start, window_steps, metrics = time.time(), 0, None
+    for online_step_index in range(1, args.online_steps + 1):
+        global_step = args.offline_steps + online_step_index
+        action = queue.pop(0)
+        next_observation, reward, terminated, truncated, info = env.step(action)
+        episode_return += float(reward)
+        episode_length += 1
+        if args.sparse:
+            reward = -1.0 if reward != 0.0 else 0.0
+        transition = {
+            "observations": np.asarray(observation, np.float32),
+            "actions": action,
+            "rewards": np.float32(reward),
+            "masks": np.float32(1.0 - terminated),
+            "terminals": np.float32(terminated or truncated),
+            "next_observations": np.asarray(next_observation, np.float32),
+        }
+        done = terminated or truncated
+        if done:
+            logger.log(
+                global_step,
+                {
+                    "charts/episodic_return": episode_return,
+                    "charts/episodic_length": episode_length,
+                    "charts/success": float(info["success"]),
+                },
+            )
+            observation, _ = env.reset()
+            episode_return, episode_length, queue = 0.0, 0, []
+        else:
+            observation = next_observation
+        step_key = jax.random.fold_in(online_key, online_step_index)
+        policy_observation = np.asarray(observation, np.float32)
+        if online_step_index >= args.online_learning_starts:
+            state, buffer, metrics, chunk = learn(
+                state, buffer, np.int32(position), transition, policy_observation, step_key
+            )
+        else:
+            buffer, chunk = collect(state, buffer, np.int32(position), transition, policy_observation, step_key)
+        position += 1
+        if not queue:
+            queue = list(np.asarray(chunk).reshape(args.horizon_length, action_dim))
+        window_steps += 1
+
+        if online_step_index % args.log_interval == 0 or online_step_index == args.online_steps:
+            sps = window_steps / (time.time() - window_start)
+            logger.log(global_step, {**(metrics if metrics is not None else {}), "charts/SPS": sps})
+            eta = format_eta((args.online_steps - online_step_index) / sps)
+            print(f"online step {online_step_index}/{args.online_steps}  SPS {sps:.1f}  ETA {eta}", flush=True)
+            window_start, window_steps = time.time(), 0
+        if online_step_index % args.eval_interval == 0 or online_step_index == args.online_steps:
+            run_evaluation(global_step)
+            window_start, window_steps = time.time(), 0
+
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
+        with open(model_path, "wb") as f:
+            f.write(
+                flax.serialization.to_bytes(
+                    {"params": state.params, "target_critic_params": state.target_critic_params}
+                )
+            )
+        print(f"saved parameters to {model_path}", flush=True)
+    env.close()
+    eval_env.close()
+    logger.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The velocity networks of SAC Flow-G (from_scratch/sac_flow_gru.py) and SAC Flow-T
+(from_scratch/sac_flow_transformer.py) against NumPy computations written from their parameters, the
+Markov structure of Flow-T's attention, and a short end-to-end run of each script with non-default
+velocity flags (checked in the saved parameters)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FROM_SCRATCH, load_script
+
+gru = load_script("sac_flow_gru")
+transformer = load_script("sac_flow_transformer")
+
+OBS_DIM, ACTION_DIM, TIME_DIM, BATCH = 5, 3, 32, 6
+
+
+def random_inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    state = rng.normal(size=(BATCH, OBS_DIM)).astype(np.float32)
+    action = rng.normal(size=(BATCH, ACTION_DIM)).astype(np.float32) * 2
+    time_features = rng.normal(size=(BATCH, TIME_DIM)).astype(np.float32)
+    return state, action, time_features
+
+
+def perturbed(params, seed: int, scale: float = 0.3):
+    """Every parameter moved by Gaussian noise: no zero or unit parameter hides a wrong wiring."""
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(
+        treedef, [jnp.asarray(np.asarray(p) + scale * rng.normal(size=p.shape), jnp.float32) for p in leaves]
+    )
+
+
+def to_numpy(params):
+    return jax.tree.map(lambda p: np.asarray(p, np.float64), params)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flow-G
+
+
+def sigmoid_np(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def swish_mlp_np(p, x):
+    for layer in ("Dense_0", "Dense_1"):
+        h = x @ p[layer]["kernel"] + p[layer]["bias"]
+        x = h * sigmoid_np(h)
+    return x @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"]
+
+
+def test_flow_g_gate_starts_at_sigmoid_5():
+    policy, _ = gru.make_networks(gru.Args(), ACTION_DIM)  # default widths: hidden 512
+    state, action, _ = random_inputs()
+    variables = policy.init(
+        jax.random.PRNGKey(0), state, action, np.zeros((4, BATCH, ACTION_DIM), np.float32), train=False
+    )
+    gate_output_layer = variables["params"]["velocity"]["gate_net"]["Dense_2"]
+    assert np.all(np.asarray(gate_output_layer["kernel"]) == 0.0)
+    assert np.all(np.asarray(gate_output_layer["bias"]) == 5.0)
+    # Read the gate of the bound module on inputs far from zero: it must not depend on them at initialisation.
+    velocity = policy.bind(variables).velocity
+    x = np.random.default_rng(1).normal(size=(BATCH, OBS_DIM + ACTION_DIM + TIME_DIM)).astype(np.float32) * 10
+    gate = np.asarray(velocity.gate(x))
+    assert gate.shape == (BATCH, ACTION_DIM)
+    np.testing.assert_allclose(gate, 1.0 / (1.0 + np.exp(-5.0)), rtol=1e-6)
+
+
+def test_flow_g_velocity_is_gate_times_candidate_minus_action():
+    net = gru.VelocityNet(ACTION_DIM, hidden=16)
+    state, action, time_features = random_inputs()
+    params = perturbed(net.init(jax.random.PRNGKey(2), state, action, time_features)["params"], seed=3)
+    v = np.asarray(net.apply({"params": params}, state, action, time_features))
+
+    p = to_numpy(params)
+    x = np.concatenate([state, action, time_features], axis=1).astype(np.float64)
+    gate = sigmoid_np(swish_mlp_np(p["gate_net"], x))
+    candidate = swish_mlp_np(p["candidate_net"], x)
+    assert np.ptp(gate) > 0.1  # the perturbed gate really varies, so the product is tested
+    np.testing.assert_allclose(v, gate * (candidate - action), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flow-T
+
+D_MODEL, N_HEADS, N_LAYERS = 8, 2, 2
+
+
+def make_transformer_velocity(seed: int = 4):
+    net = transformer.VelocityNet(ACTION_DIM, D_MODEL, N_HEADS, N_LAYERS)
+    state, action, time_features = random_inputs()
+    params = perturbed(net.init(jax.random.PRNGKey(seed), state, action, time_features)["params"], seed=seed + 1)
+    return net, params
+
+
+def layer_norm_np(p, x):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def gelu_np(x):  # flax's default, the tanh approximation
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def cross_attention_np(p, queries, context):
+    """Multi-head attention of `queries` (n, d) over `context` tokens (n, m, d), head by head, row by row."""
+    n, heads, head_dim = queries.shape[0], p["query"]["kernel"].shape[1], p["query"]["kernel"].shape[2]
+    out = np.zeros((n, queries.shape[1]))
+    for row in range(n):
+        for h in range(heads):
+            q = queries[row] @ p["query"]["kernel"][:, h] + p["query"]["bias"][h]  # (head_dim,)
+            k = context[row] @ p["key"]["kernel"][:, h] + p["key"]["bias"][h]  # (m, head_dim)
+            value = context[row] @ p["value"]["kernel"][:, h] + p["value"]["bias"][h]
+            scores = k @ q / np.sqrt(head_dim)
+            weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+            out[row] += (weights @ value) @ p["out"]["kernel"][h]
+    return out + p["out"]["bias"]
+
+
+def transformer_velocity_np(p, state, action, time_features):
+    """Φ_A = E_A([A, φ(t)]), Φ_S = E_S(s); pre-norm cross-attention blocks; v = W_o(LN(Φ_A))."""
+    x = np.concatenate([action, time_features], axis=1)
+    token = x @ p["action_time_embedding"]["kernel"] + p["action_time_embedding"]["bias"]
+    state_token = state @ p["state_embedding"]["kernel"] + p["state_embedding"]["bias"]
+    for layer in range(N_LAYERS):
+        b = p[f"DecoderBlock_{layer}"]
+        context = layer_norm_np(b["context_norm"], state_token)[:, None, :]  # one context token per row
+        y = token + cross_attention_np(b["cross_attention"], layer_norm_np(b["query_norm"], token), context)
+        hidden = gelu_np(layer_norm_np(b["ffn_norm"], y) @ b["ffn_hidden"]["kernel"] + b["ffn_hidden"]["bias"])
+        token = y + hidden @ b["ffn_out"]["kernel"] + b["ffn_out"]["bias"]
+    return layer_norm_np(p["output_norm"], token) @ p["output"]["kernel"] + p["output"]["bias"]
+
+
+def test_flow_t_velocity_matches_numpy_decoder():
+    net, params = make_transformer_velocity()
+    state, action, time_features = random_inputs(seed=7)
+    v = np.asarray(net.apply({"params": params}, state, action, time_features))
+    expected = transformer_velocity_np(
+        to_numpy(params), *(a.astype(np.float64) for a in (state, action, time_features))
+    )
+    np.testing.assert_allclose(v, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_t_flow_steps_do_not_attend_to_each_other():
+    """Rows = the K flow steps of one state, each with its own (A_k, φ(t_k)): changing one row's A_k changes
+    that row's velocity only (no self-attention across flow steps, the rollout stays Markov)."""
+    net, params = make_transformer_velocity()
+    state, action, time_features = random_inputs(seed=8)
+    state[:] = state[0]  # the same state for every flow step
+    v = np.asarray(net.apply({"params": params}, state, action, time_features))
+    changed_action = action.copy()
+    changed_action[2] += 1.5
+    v_changed = np.asarray(net.apply({"params": params}, state, changed_action, time_features))
+    others = np.arange(BATCH) != 2
+    np.testing.assert_allclose(v_changed[others], v[others], rtol=0, atol=1e-6)
+    assert np.abs(v_changed[2] - v[2]).max() > 1e-3
+
+
+def test_flow_t_attention_keys_and_values_come_from_the_state_token_only():
+    net, params = make_transformer_velocity()
+    state, action, time_features = random_inputs(seed=9)
+    p = to_numpy(params)
+    state_token = state.astype(np.float64) @ p["state_embedding"]["kernel"] + p["state_embedding"]["bias"]
+
+    def attention_inputs(state, action):
+        """v, and the (query, keys, values) arguments of every cross-attention call, intercepted."""
+        calls = []
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.MultiHeadDotProductAttention) and context.method_name == "__call__":
+                calls.append((args, kwargs))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            v = net.apply({"params": params}, state, action, time_features)
+        return np.asarray(v), calls
+
+    v, calls = attention_inputs(state, action)
+    assert len(calls) == N_LAYERS
+    for layer, (args, kwargs) in enumerate(calls):
+        assert not kwargs and len(args) == 2  # (query, keys); values default to the keys
+        query, keys = np.asarray(args[0]), np.asarray(args[1])
+        assert query.shape == keys.shape == (BATCH, 1, D_MODEL)
+        expected_keys = layer_norm_np(p[f"DecoderBlock_{layer}"]["context_norm"], state_token)
+        np.testing.assert_allclose(keys[:, 0], expected_keys, rtol=1e-4, atol=1e-4)
+
+    # A different action moves the queries but not the keys/values; a different state moves v.
+    _, calls_new_action = attention_inputs(state, action + 1.0)
+    for (args, _), (args_new, _) in zip(calls, calls_new_action):
+        np.testing.assert_array_equal(np.asarray(args_new[1]), np.asarray(args[1]))
+        assert np.abs(np.asarray(args_new[0]) - np.asarray(args[0])).max() > 1e-3
+    v_new_state, _ = attention_inputs(state + 1.0, action)
+    assert np.abs(v_new_state - v).min() > 0 and np.abs(v_new_state - v).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# End to end: both scripts run at once (each is mostly compile time), with small non-default sizes.
+
+SMOKE_FLAGS = [
+    *("--env-id", "Hopper-v4", "--total-timesteps", "400", "--learning-starts", "200", "--batch-size", "32"),
+    *("--eval-every", "400", "--eval-episodes", "1", "--log-every", "50", "--save-model"),
+    *("--flow-steps", "2", "--critic-hidden", "64", "--buffer-size", "1000"),  # a quicker compile
+]
+VELOCITY_FLAGS = {
+    "sac_flow_gru": ["--velocity-hidden", "64"],
+    "sac_flow_transformer": ["--d-model", "32", "--n-heads", "2", "--n-layers", "1"],
+}
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    processes = {}
+    for script, flags in VELOCITY_FLAGS.items():
+        cwd = tmp_path_factory.mktemp(script)
+        command = [sys.executable, str(FROM_SCRATCH / f"{script}.py"), *SMOKE_FLAGS, *flags]
+        processes[script] = (
+            cwd,
+            subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        )
+    results = {}
+    for script, (cwd, process) in processes.items():
+        _, stderr = process.communicate(timeout=600)
+        results[script] = (cwd, process.returncode, stderr)
+    return results
+
+
+@pytest.mark.parametrize("script", list(VELOCITY_FLAGS))
+def test_end_to_end_logs_losses_and_evaluation(script, finished_runs):
+    cwd, returncode, stderr = finished_runs[script]
+    assert returncode == 0, stderr[-3000:]
+    (run_dir,) = (cwd / "runs").iterdir()
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    values = {}
+    for row in rows:
+        values.setdefault(row["key"], []).append(float(row["value"]))
+    for key in ("losses/qf_loss", "losses/actor_loss", "losses/alpha", "losses/entropy", "eval/episodic_return"):
+        assert key in values and np.all(np.isfinite(values[key])), key
+    assert len(values["losses/qf_loss"]) == 5  # steps 199, 249, 299, 349, 399
+    assert json.loads((run_dir / "args.json").read_text())["env_id"] == "Hopper-v4"
+
+    # The velocity flags reached the network: read the shapes of the saved parameters.
+    saved = flax.serialization.msgpack_restore((run_dir / f"{script}.flax").read_bytes())
+    velocity = saved["policy"]["params"]["velocity"]
+    if script == "sac_flow_gru":
+        assert velocity["gate_net"]["Dense_1"]["kernel"].shape == (64, 64)
+        assert velocity["candidate_net"]["Dense_1"]["kernel"].shape == (64, 64)
+    else:
+        assert {k for k in velocity if k.startswith("DecoderBlock")} == {"DecoderBlock_0"}
+        assert velocity["DecoderBlock_0"]["cross_attention"]["query"]["kernel"].shape == (32, 2, 16)
+
+
+def test_transformer_rejects_heads_that_do_not_divide_d_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(FROM_SCRATCH / "sac_flow_transformer.py"), "--d-model", "30", "--n-heads", "4"],
+        cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --n-heads 4 does not divide --d-model 30"
