@@ -302,7 +302,9 @@ class FlowPolicy(nn.Module):
         self.velocity = VelocityNet(self.action_dim, self.velocity_hidden)
         if self.noise_std <= 0:
             self.log_sigma_hidden = nn.Dense(256)
-            self.log_sigma_out = nn.Dense(self.action_dim)
+            # Zero weights: σ starts at e^-1.5 ≈ 0.22 for every state. The compensated step multiplies A_k by
+            # 1 − Δt σ²/(2(1 − t_k)), which for K = 4 leaves [−1, 1] once σ > 2, so a random start could diverge.
+            self.log_sigma_out = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)
 
     def velocity_at(self, state, action, t):
         """v_θ(s, A, t) on normalised states, t a Python or scalar time shared by the batch."""
@@ -652,11 +654,18 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None, video_every: 
         )
     if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
         raise SystemExit(f"error: {env_id} has an unbounded action space; SAC's tanh squash needs finite bounds")
-    if video_dir:
-        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode % video_every == 0)
-    env = gym.wrappers.RecordEpisodeStatistics(env)
+    env.reset(seed=seed)  # seeds the environment; later resets continue its random stream
     env.action_space.seed(seed)
-    return env
+    if video_dir:
+        try:  # render once now, rather than fail at the first evaluation after hours of training
+            env.render()
+        except Exception as error:
+            raise SystemExit(
+                f"error: --capture-video cannot render ({str(error).splitlines()[0]}); "
+                "set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU), see setup.md"
+            )
+        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode % video_every == 0)
+    return gym.wrappers.RecordEpisodeStatistics(env)
 
 
 def evaluate(env: gym.Env, evaluation_action, agent: AgentState, episodes: int, key) -> float:
@@ -743,8 +752,7 @@ def main():
         args, action_dim, action_scale, action_bias
     )
 
-    obs, _ = env.reset(seed=args.seed)
-    eval_env.reset(seed=args.seed + 1)
+    obs, _ = env.reset()
     action = env.action_space.sample()
     start_time = window_time = time.time()
     window_start_step = 0

@@ -1,0 +1,988 @@
+"""Naive SAC Flow offline-to-online on OGBench: a flow policy with a plain MLP velocity, action chunks.
+
+The offline-to-online agent of SAC Flow (arXiv 2509.25756), on the QC-FQL setup (qc_fql.py): the policy outputs
+a chunk of h actions as one vector of D = h*d numbers, and the whole chunk runs open-loop in the environment.
+
+Policy (the noise-augmented flow rollout of SAC Flow, K steps, dt = 1/K, t_k = k dt), over a whole chunk:
+    A_0 ~ N(0, I_D)
+    v_k = v(LN(s), A_k, phi(t_k))                                  velocity network (below), state LayerNorm-ed
+    b_k = (1 + t_k sigma^2 / (2(1 - t_k))) v_k - sigma^2 / (2(1 - t_k)) A_k   drift that keeps the flow's marginals
+    A_{k+1} = A_k + dt b_k + sigma sqrt(dt) eps_k,   eps_k ~ N(0, I_D)
+    chunk = tanh(A_K)                                               (OGBench actions are in [-1, 1])
+    log pi = log N(A_0; 0, I) + sum_k log N(A_{k+1}; A_k + dt b_k, sigma^2 dt I) - sum_j log(1 - tanh(A_K)_j^2 + 1e-6)
+sigma is a state-dependent standard deviation (log sigma squashed into [-5, 2]) unless --noise-std fixes it.
+Naive velocity: v_k = MLP([LN(s), A_k, phi(t_k)]), two hidden layers of 512, ReLU. The K-step rollout is then a
+residual RNN, whose gradient can explode through the steps: the gated (sac_flow_gru.py) and decoded
+(sac_flow_transformer.py) velocities fix that.
+
+Critic: 2 Q networks Q_i(s, chunk) (MLP 4x512, GELU, LayerNorm), target network with Polyak rate tau, Q = mean_i Q_i.
+    y = sum_{i<h} gamma^i r_{t+i} + gamma^h m (Qtarget(s_{t+h}, A') - alpha log pi(A'|s_{t+h})),   A' ~ pi(.|s_{t+h})
+    L_Q = mean over (i, batch) of valid * (Q_i(s_t, A_t) - y)^2
+  m = 0 once the task is solved inside the chunk; valid = 0 for chunks that cross an episode end (as QC-FQL).
+
+Three phases, each update one Adam step on the critic loss plus the actor loss (stop_gradient keeps each
+gradient in its own network), then a Polyak step of the target critic:
+  (a) offline BC, the first --bc-fraction of the offline steps: flow matching on data chunks, with
+          x_0 ~ N(0, I), x_1 = atanh(clip(A_t, +-0.999)), t ~ U[0, 1), x_t = (1 - t) x_0 + t x_1
+          L_BC = mean || v(LN(s), x_t, phi(t)) - (x_1 - x_0) ||^2     (chunk steps past an episode end masked)
+      The flow runs in pre-tanh space so that tanh(A_K) reproduces the data (a flow to the raw actions would
+      shrink every action by the tanh: tanh(1) = 0.76). The clip keeps data at the bounds, common in play data,
+      from giving targets atanh(1 - 1e-5) = 6.1 that would dominate the loss, for an action change below 1e-3.
+  (b) offline action-regularised SAC, the rest of the offline steps (beta = --alpha):
+          L_pi = beta * mean_{b,i,j} valid (a_theta - a_data)^2 + mean_b (alpha log pi(a_theta|s) - Q(s, a_theta))
+          L_alpha = -log alpha * mean(log pi(a_theta|s) + H_target)       log alpha float32, Adam
+      (the squared error is averaged over chunk entries, as QC-FQL's distillation term, so beta = 100 means the
+      same as in its README commands). --interleave-offline-updates makes a BC update and then a SAC update on
+      every offline step instead, as the released code does.
+  (c) online: the dataset is the initial replay buffer; each environment step appends one transition, makes one
+      SAC update as in (b) with beta = --online-alpha, and samples the next chunk (stochastic, as SAC explores).
+      Evaluation is deterministic: eps = 0 at every flow step, A_0 sampled (--eval-zero-initial-noise: A_0 = 0).
+
+Design choices:
+- Entropy in the TD target: kept. The actor maximises Q - alpha log pi, so Q must be the soft value (future entropy
+  included) for the actor's entropy term to mean more than one chunk; this is also what the released agent does.
+  At the target entropy log pi(A') is about +h d / 2 per chunk, so the term is a small per-chunk cost
+  alpha h d / 2, which stops once the task is solved (m = 0). --no-backup-entropy drops it (a soft actor with a
+  plain critic, which often works as well: Yu et al. 2022).
+- Target entropy: H_target = -h d / 2 by default, a path entropy. With sigma fixed over the path it is
+  H = D (c + K (c + log sigma - log(K) / 2)) + E sum_j log(1 - tanh(A_K)_j^2),  c = log(2 pi e) / 2,
+  and -log pi depends on theta only through sigma and the tanh term: the entropy bonus raises sigma (whose noise
+  the compensated drift absorbs: in continuous time it leaves the chunk's distribution unchanged for an exact
+  velocity) and keeps A_K out of tanh saturation. For K = 4 and no saturation, -D/2 means sigma ~ 0.30 (the
+  initial sigma is 0.22).
+- Why alpha cannot collapse here, while the released agent's fell to ~1e-11 within 85k steps: its alpha loss is
+  alpha * (log pi - H_target) with H_target = 0, the sign of SAC's -alpha (log pi + H_target) reversed, so alpha
+  falls exactly when the entropy is too low. Its log pi (fixed noise 0.05 per step over 4 steps of 25 chunk
+  entries, tanh term) is above +100 and, with sigma fixed, cannot move (no parameter but the tanh term enters
+  it), so every Adam step lowers log alpha by about the learning rate: 3e-4 * 85k = 25.5 e-folds, 0.2 e^-25.5 ~
+  2e-12, the order of what it logged.
+  Here: the loss has SAC's sign, so alpha falls only while the entropy is above its target; sigma is learned, so
+  the entropy can reach the target; with alpha -> 0 the actor's own terms (beta * squared error and -Q, which
+  favour low-variance chunks) drive sigma and the entropy down, below the target, and alpha rises again; alpha is
+  not updated in the BC phase, where no actor term reacts to it; and the run refuses a target above the largest
+  reachable entropy (where alpha would grow without bound). losses/alpha and losses/entropy are logged.
+
+Example:
+    python offline_to_online/make_dataset.py --env-name cube-triple-play-v0
+    python offline_to_online/sac_flow_naive.py --env-name cube-triple-play-singletask-task4-v0 --alpha 100
+"""
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import netrc
+import os
+import time
+import urllib.parse
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import flax
+import flax.linen as nn
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ogbench  # noqa: F401  (registers the OGBench environments with gymnasium)
+import optax
+import tyro
+import wandb
+from ogbench.relabel_utils import relabel_dataset
+from ogbench.utils import load_dataset
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment"""
+    track: bool = False
+    """log to Weights and Biases (needs a wandb login)"""
+    wandb_project_name: str = "sac-flow"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    save_model: bool = False
+    """save the final parameters to runs/<run_name>/<exp_name>.flax"""
+
+    env_name: str = "cube-triple-play-singletask-task4-v0"
+    """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0)"""
+    dataset_dir: str | None = None
+    """directory holding <dataset>.npz (None: ~/.ogbench/data); make it with offline_to_online/make_dataset.py"""
+    sparse: bool = False
+    """sparse reward as in QC: reward 0 when the whole task is solved, -1 otherwise (instead of -#unsolved subtasks)"""
+    max_episode_steps: int | None = None
+    """override the environment's time limit (None: the env's own, 1000 for cube tasks); for quick tests"""
+
+    offline_steps: int = 1_000_000
+    """number of offline updates on the dataset"""
+    online_steps: int = 1_000_000
+    """number of online environment steps (one update each)"""
+    online_learning_starts: int = 5000
+    """online updates start at this online step; steps before it only collect data (QC's start_training)"""
+    eval_interval: int = 100_000
+    """evaluate every this many steps of each phase (and at the end of each phase)"""
+    eval_episodes: int = 50
+    """episodes per evaluation (0: no evaluation)"""
+    log_interval: int = 5000
+    """log losses and speed every this many steps"""
+    offline_scan_length: int = 1000
+    """offline updates per jitted call (jax.lax.scan), clipped to the steps left before the next log/eval/phase"""
+    bc_fraction: float = 0.5
+    """share of the offline steps that are flow-matching BC (+ TD) only; the rest are action-regularised SAC"""
+    interleave_offline_updates: bool = False
+    """make a BC update and then a SAC update on every offline step, as the released code (--bc-fraction unused)"""
+
+    horizon_length: int = 5
+    """action chunk length h"""
+    batch_size: int = 256
+    """batch size of each update"""
+    learning_rate: float = 3e-4
+    """Adam learning rate of the critic, the policy and log alpha"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """target critic Polyak rate"""
+    alpha: float = 100.0
+    """beta, weight of the action regularisation beta * mean (a_theta - a_data)^2 offline (100 in the README)"""
+    online_alpha: float | None = None
+    """beta of the online phase (None: --alpha, so the actor's objective does not jump at the switch to online)"""
+    init_alpha: float = 0.2
+    """initial entropy coefficient alpha (learned from there)"""
+    target_entropy: float | None = None
+    """H_target of the alpha loss, a path entropy -log pi of a whole chunk (None: -h*d/2)"""
+    backup_entropy: bool = True
+    """subtract alpha log pi(A'|s') of the next chunk in the TD target (soft Q, as SAC)"""
+    flow_steps: int = 4
+    """K, the number of flow (Euler-Maruyama) steps of the policy"""
+    noise_std: float = 0.0
+    """sigma of the rollout noise; 0 learns a state-dependent sigma (a fixed one may need a lower --target-entropy)"""
+    eval_zero_initial_noise: bool = False
+    """evaluate with A_0 = 0 (fully deterministic); by default A_0 is sampled and eps = 0 at every flow step"""
+    critic_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
+    """hidden layers of each Q network (with LayerNorm)"""
+    num_qs: int = 2
+    """number of Q networks in the critic ensemble"""
+    velocity_hidden: int = 512
+    """width of the velocity network's hidden layers"""
+
+
+class RunLogger:
+    """Appends every metric to runs/<run_name>/metrics.csv and, with --track, sends it to wandb."""
+
+    def __init__(self, run_dir: str, use_wandb: bool):
+        self.use_wandb = use_wandb
+        self.file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        self.writer = csv.writer(self.file)
+        self.writer.writerow(["global_step", "key", "value"])
+
+    def log(self, global_step: int, metrics: dict):
+        for key, value in metrics.items():
+            self.writer.writerow([global_step, key, float(value)])
+        self.file.flush()
+        if self.use_wandb:
+            wandb.log({key: float(value) for key, value in metrics.items()}, step=global_step)
+
+    def close(self):
+        self.file.close()
+        if self.use_wandb:
+            wandb.finish()
+
+
+def wandb_login_available() -> bool:
+    """True when wandb can log: offline/disabled mode, an API key in the environment, or a netrc entry."""
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: OGBench dataset -> replay buffer on the device
+# ----------------------------------------------------------------------------------------------------
+
+
+def split_ogbench_name(name: str) -> tuple[str, str]:
+    """'cube-triple-play-singletask-task4-v0' -> env id 'cube-triple-singletask-task4-v0', dataset 'cube-triple-play-v0'
+    (the same rule as ogbench.make_env_and_datasets)."""
+    parts = name.split("-")
+    if "singletask" not in parts:
+        raise SystemExit(
+            f"error: --env-name {name} is not an OGBench single-task name (<env>-<type>-singletask-...-v0)"
+        )
+    pos = parts.index("singletask")
+    return "-".join(parts[: pos - 1] + parts[pos:]), "-".join(parts[:pos] + parts[-1:])
+
+
+def load_ogbench_dataset(path: str, env_id: str, env: gym.Env, make_it: str) -> dict:
+    """Loads <dataset>.npz as OGBench does (transitions with next_observations, rewards and masks relabelled from
+    qpos for the env's task) and checks it fits the env; a bad file ends the run with one line naming `make_it`."""
+    try:
+        dataset = load_dataset(path, compact_dataset=False, add_info=True)
+    except KeyError as e:
+        raise SystemExit(f"error: dataset file {path} lacks a required array ({e.args[0]}); remake it with: {make_it}")
+    except IndexError:  # the boolean terminal mask does not fit the other arrays
+        raise SystemExit(f"error: dataset file {path} has arrays of different lengths; remake it with: {make_it}")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise SystemExit(f"error: dataset file {path} is not a readable .npz file; remake it with: {make_it}")
+    expected = {
+        "observations": env.observation_space.shape,
+        "actions": env.action_space.shape,
+        "qpos": env.unwrapped._data.qpos.shape,
+    }
+    for key, shape in expected.items():
+        if key not in dataset or dataset[key].shape[1:] != shape or len(dataset[key]) != len(dataset["observations"]):
+            got = dataset[key].shape if key in dataset else "nothing"
+            needed = ", ".join(map(str, shape))
+            raise SystemExit(
+                f"error: dataset file {path} has {key} of shape {got}, but {env_id} needs (N, {needed}); "
+                f"remake it with: {make_it}"
+            )
+    relabel_dataset(env_id, env, dataset)  # rewards = #solved - #subtasks, masks = 0 once all are solved
+    return dataset
+
+
+def make_replay_buffer(dataset: dict, capacity: int, sparse: bool) -> dict:
+    """Device arrays of `capacity` rows whose first len(dataset) rows hold the dataset. `terminals` marks the last
+    transition of every episode (so chunks never mix episodes); `masks` is 0 where the task is solved (no bootstrap)."""
+    size = len(dataset["observations"])
+    rewards = dataset["rewards"]
+    if sparse:
+        rewards = (rewards != 0.0) * -1.0  # as QC: 0 when the task is solved, -1 otherwise
+    columns = {
+        "observations": dataset["observations"],
+        # As QC, keep data actions strictly inside the bounds the policies can output.
+        "actions": np.clip(dataset["actions"], -1 + 1e-5, 1 - 1e-5),
+        "rewards": rewards,
+        "masks": dataset["masks"],
+        "terminals": dataset["terminals"],
+        "next_observations": dataset["next_observations"],
+    }
+    buffer = {}
+    for key, values in columns.items():
+        column = np.zeros((capacity, *values.shape[1:]), dtype=np.float32)
+        column[:size] = values
+        buffer[key] = jnp.asarray(column)
+    return buffer
+
+
+def sample_chunk_batch(buffer: dict, buffer_size, key, batch_size: int, horizon_length: int) -> dict:
+    """Uniformly samples `batch_size` windows of h consecutive transitions among the first `buffer_size` rows."""
+    start = jax.random.randint(key, (batch_size,), 0, buffer_size - horizon_length + 1)
+    steps = start[:, None] + jnp.arange(horizon_length)  # (B, h)
+    return {
+        "observations": buffer["observations"][start],
+        "action_chunks": buffer["actions"][steps].reshape(batch_size, -1),  # (B, h*d), a_t first
+        "rewards": buffer["rewards"][steps],
+        "masks": buffer["masks"][steps],
+        "terminals": buffer["terminals"][steps],
+        "next_observations": buffer["next_observations"][start + horizon_length - 1],  # s_{t+h}
+    }
+
+
+def add_transition(buffer: dict, position, transition: dict) -> dict:
+    """Writes one transition at row `position`."""
+    return {key: column.at[position].set(transition[key]) for key, column in buffer.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Math: chunked TD target, flow matching, the policy's log-density and the alpha loss
+# ----------------------------------------------------------------------------------------------------
+
+
+def chunked_td_target(rewards, masks, terminals, next_q, gamma):
+    """Chunked TD target and validity of each chunk step, as QC-FQL.
+
+    rewards, masks, terminals: (B, h) of the h transitions starting at s_t; next_q: (B,) value of s_{t+h}.
+    target = sum_{i<h} gamma^i r_{t+i} + gamma^h * min_i(masks) * next_q  (no bootstrap once the task is solved)
+    valid[:, i] = 0 when an episode ended at a step before i (that action and reward belong to another episode);
+    the critic uses valid[:, -1], so chunks that cross an episode end are dropped (ending exactly at the chunk's
+    last step is fine: then s_{t+h} is that episode's true next state).
+    """
+    horizon = rewards.shape[-1]
+    reward_sum = jnp.sum(rewards * gamma ** jnp.arange(horizon), axis=-1)
+    bootstrap = jnp.min(masks, axis=-1)
+    target = reward_sum + gamma**horizon * bootstrap * next_q
+    ended_before = jnp.cumsum(terminals, axis=-1) - terminals  # number of episode ends at steps < i
+    valid = (ended_before == 0).astype(rewards.dtype)
+    return target, valid
+
+
+def flow_matching_loss(velocity_fn, observations, action_chunks, valid, noise, times):
+    """Masked flow-matching BC loss: mean || v(s, x_t, t) - (x_1 - x_0) ||^2 with x_t = (1-t) x_0 + t x_1,
+    x_0 = noise (B, h*d), x_1 = action_chunks (B, h*d), t = times (B, 1); entries of actions whose chunk step is
+    not valid count as zero (the mean still divides by B*h*d, as QC)."""
+    x_t = (1.0 - times) * noise + times * action_chunks
+    squared_error = (velocity_fn(observations, x_t, times) - (action_chunks - noise)) ** 2
+    batch_size, horizon = valid.shape
+    return jnp.mean(squared_error.reshape(batch_size, horizon, -1) * valid[:, :, None])
+
+
+BC_TARGET_BOUND = 0.999  # flow matching targets atanh(clip(a, +-0.999)), |.| <= 3.8 (header, phase (a))
+
+
+def action_regularisation(chunks, data_chunks, valid):
+    """mean_{b,i,j} valid[b, i] (chunk - data chunk)^2 over (B, h, d): entries of chunk steps past an episode end
+    count as zero (their data actions belong to another episode), and the mean divides by B*h*d, as QC."""
+    batch_size, horizon = valid.shape
+    squared_error = ((chunks - data_chunks) ** 2).reshape(batch_size, horizon, -1)
+    return jnp.mean(squared_error * valid[:, :, None])
+
+
+def gaussian_log_density(standard_noise, std):
+    """sum_j log N(x_j; mu_j, std_j^2) for x = mu + std * standard_noise."""
+    std = jnp.broadcast_to(std, standard_noise.shape)
+    return jnp.sum(-0.5 * standard_noise**2 - jnp.log(std) - 0.5 * math.log(2 * math.pi), axis=-1)
+
+
+def squash(pre_tanh_chunks):
+    """chunk = tanh(A_K) (action bounds [-1, 1]) and log|d chunk / d A_K| = sum_j log(1 - tanh^2 + 1e-6)."""
+    y = jnp.tanh(pre_tanh_chunks)
+    return y, jnp.sum(jnp.log(1 - y**2 + 1e-6), axis=-1)
+
+
+def max_path_entropy(chunk_dim: int, flow_steps: int, sigma: float) -> float:
+    """The largest -log pi with per-step std <= sigma: the path entropy of constant sigma, no tanh saturation."""
+    c = 0.5 * math.log(2 * math.pi * math.e)
+    return chunk_dim * (c + flow_steps * (c + math.log(sigma) - 0.5 * math.log(flow_steps)))
+
+
+def alpha_loss(log_alpha, log_prob, target_entropy: float):
+    """L_alpha = -log alpha * mean(log pi + H_target): alpha grows while the entropy -log pi is below H_target."""
+    return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    hidden_dims: Sequence[int]
+    output_dim: int
+    layer_norm: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.xavier_uniform()
+        for width in self.hidden_dims:
+            x = nn.gelu(nn.Dense(width, kernel_init=init)(x))
+            if self.layer_norm:
+                x = nn.LayerNorm()(x)
+        return nn.Dense(self.output_dim, kernel_init=init)(x)
+
+
+class Critic(nn.Module):
+    """Ensemble of Q(s, A) networks; returns (num_qs, B)."""
+
+    hidden_dims: Sequence[int]
+    num_qs: int
+
+    @nn.compact
+    def __call__(self, observations, action_chunks):
+        ensemble = nn.vmap(
+            MLP,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=None,
+            out_axes=0,
+            axis_size=self.num_qs,
+        )
+        q = ensemble(self.hidden_dims, 1, layer_norm=True)(jnp.concatenate([observations, action_chunks], -1))
+        return q.squeeze(-1)
+
+
+class TimeEmbedding(nn.Module):
+    """phi(t): sinusoidal features of t in [0, 1) (angular frequencies 1 to 1000) followed by a small MLP."""
+
+    dim: int = 32
+
+    @nn.compact
+    def __call__(self, t):
+        frequencies = jnp.exp(jnp.linspace(0.0, math.log(1000.0), self.dim // 2, dtype=jnp.float32))
+        features = jnp.concatenate([jnp.sin(t * frequencies), jnp.cos(t * frequencies)], axis=-1)
+        return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
+
+
+class VelocityNet(nn.Module):
+    """Naive velocity: v = MLP([s, A_k, phi(t_k)]), two hidden layers, ReLU."""
+
+    chunk_dim: int
+    hidden: int
+
+    @nn.compact
+    def __call__(self, state, x, time_features):
+        h = jnp.concatenate([state, x, time_features], axis=-1)
+        h = nn.relu(nn.Dense(self.hidden)(h))
+        h = nn.relu(nn.Dense(self.hidden)(h))
+        return nn.Dense(self.chunk_dim)(h)
+
+
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
+
+
+class FlowPolicy(nn.Module):
+    """The noise-augmented flow rollout of the header over a chunk, before the tanh squash.
+
+    Takes the rollout's noise as input (A_0 and eps_0..eps_{K-1}), so a path is a deterministic function of it.
+    Returns the path A_0..A_K (K+1, B, D), sigma (B, D) and the Gaussian part of log pi (B,).
+    """
+
+    velocity_net: nn.Module  # v(state, x, time_features) -> (B, D), the variant's velocity network
+    chunk_dim: int
+    flow_steps: int
+    noise_std: float
+
+    def setup(self):
+        self.state_norm = nn.LayerNorm()
+        self.time_embedding = TimeEmbedding()
+        if self.noise_std <= 0:
+            self.log_sigma_hidden = nn.Dense(256)
+            # Zero weights: sigma starts at e^-1.5 = 0.22 in every entry and state. With the default init some entries
+            # start above 2, where the K = 4 step of the compensated drift, A (1 - dt sigma^2 / (2(1 - t))) + ...,
+            # is unstable and paths blow up.
+            self.log_sigma_out = nn.Dense(self.chunk_dim, kernel_init=nn.initializers.zeros)
+
+    def velocity(self, observations, x, t):
+        """v(LN(s), x, phi(t)) for times t of shape (B, 1): used by the rollout and by flow-matching BC."""
+        return self.velocity_net(self.state_norm(observations), x, self.time_embedding(t))
+
+    def __call__(self, observations, initial_noise, step_noise):
+        if self.noise_std > 0:
+            sigma = jnp.full_like(initial_noise, self.noise_std)
+        else:
+            raw = jnp.tanh(self.log_sigma_out(nn.relu(self.log_sigma_hidden(self.state_norm(observations)))))
+            sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
+
+        dt = 1.0 / self.flow_steps
+        x = initial_noise
+        log_prob = gaussian_log_density(initial_noise, 1.0)
+        path = [x]
+        for k in range(self.flow_steps):
+            t = k * dt
+            velocity = self.velocity(observations, x, jnp.full((x.shape[0], 1), t, jnp.float32))
+            compensation = sigma**2 / (2 * (1 - t))
+            drift = (1 + t * compensation) * velocity - compensation * x
+            step_std = sigma * math.sqrt(dt)
+            x = x + dt * drift + step_std * step_noise[k]
+            # A_{k+1} - (A_k + dt b_k) = step_std * eps_k exactly, so log N(A_{k+1}; .) needs only eps_k.
+            log_prob = log_prob + gaussian_log_density(step_noise[k], step_std)
+            path.append(x)
+        return jnp.stack(path), sigma, log_prob
+
+
+# ----------------------------------------------------------------------------------------------------
+# Agent
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SACFlow:
+    """The networks, optimizers and hyperparameters the jitted functions below close over."""
+
+    critic: Critic
+    policy: FlowPolicy
+    optimizer: optax.GradientTransformation
+    alpha_optimizer: optax.GradientTransformation
+    chunk_dim: int
+    horizon_length: int
+    batch_size: int
+    gamma: float
+    tau: float
+    offline_beta: float  # --alpha
+    online_beta: float  # --online-alpha
+    target_entropy: float
+    backup_entropy: bool
+    flow_steps: int
+    eval_zero_initial_noise: bool
+
+
+@flax.struct.dataclass
+class AgentState:
+    params: dict  # {"critic", "policy"}
+    target_critic_params: dict
+    opt_state: optax.OptState
+    log_alpha: jax.Array  # float32 scalar
+    alpha_opt_state: optax.OptState
+
+
+def target_entropy_of(args: Args, chunk_dim: int) -> float:
+    """H_target: --target-entropy, or -h*d/2 when it is None."""
+    return -chunk_dim / 2 if args.target_entropy is None else args.target_entropy
+
+
+def make_agent(args: Args, obs_dim: int, action_dim: int) -> tuple[SACFlow, AgentState]:
+    chunk_dim = args.horizon_length * action_dim
+    velocity_net = VelocityNet(chunk_dim, args.velocity_hidden)
+    agent = SACFlow(
+        critic=Critic(args.critic_hidden_dims, args.num_qs),
+        policy=FlowPolicy(velocity_net, chunk_dim, args.flow_steps, args.noise_std),
+        optimizer=optax.adam(args.learning_rate),
+        alpha_optimizer=optax.adam(args.learning_rate),
+        chunk_dim=chunk_dim,
+        horizon_length=args.horizon_length,
+        batch_size=args.batch_size,
+        gamma=args.gamma,
+        tau=args.tau,
+        offline_beta=args.alpha,
+        online_beta=args.alpha if args.online_alpha is None else args.online_alpha,
+        target_entropy=target_entropy_of(args, chunk_dim),
+        backup_entropy=args.backup_entropy,
+        flow_steps=args.flow_steps,
+        eval_zero_initial_noise=args.eval_zero_initial_noise,
+    )
+    critic_key, policy_key = jax.random.split(jax.random.key(args.seed))
+    obs = jnp.zeros((1, obs_dim), jnp.float32)
+    chunk = jnp.zeros((1, chunk_dim), jnp.float32)
+    params = {
+        "critic": agent.critic.init(critic_key, obs, chunk),
+        "policy": agent.policy.init(policy_key, obs, chunk, jnp.zeros((args.flow_steps, 1, chunk_dim), jnp.float32)),
+    }
+    log_alpha = jnp.asarray(math.log(args.init_alpha), jnp.float32)
+    # The target starts as a copy (not the same buffers: the jitted updates donate their inputs).
+    state = AgentState(
+        params,
+        jax.tree.map(jnp.copy, params["critic"]),
+        agent.optimizer.init(params),
+        log_alpha,
+        agent.alpha_optimizer.init(log_alpha),
+    )
+    return agent, state
+
+
+def rollout(agent: SACFlow, policy_params, observations, initial_noise, step_noise):
+    """The flow rollout and its squash: (chunks (B, h*d) in [-1, 1], log pi(chunk|s) (B,))."""
+    path, _, log_prob = agent.policy.apply(policy_params, observations, initial_noise, step_noise)
+    chunks, log_det = squash(path[-1])
+    return chunks, log_prob - log_det
+
+
+def sample_chunks(agent: SACFlow, policy_params, observations, key):
+    """A stochastic chunk and its log-probability for each observation."""
+    initial_key, step_key = jax.random.split(key)
+    initial_noise = jax.random.normal(initial_key, (observations.shape[0], agent.chunk_dim))
+    step_noise = jax.random.normal(step_key, (agent.flow_steps, observations.shape[0], agent.chunk_dim))
+    return rollout(agent, policy_params, observations, initial_noise, step_noise)
+
+
+def acting_chunks(agent: SACFlow, params: dict, observations, key):
+    """The exploring policy of the online phase: stochastic chunks (B, h*d)."""
+    return sample_chunks(agent, params["policy"], observations, key)[0]
+
+
+def evaluation_chunks(agent: SACFlow, params: dict, observations, key):
+    """Deterministic chunks: eps = 0 at every flow step; A_0 sampled unless --eval-zero-initial-noise."""
+    initial_noise = jax.random.normal(key, (observations.shape[0], agent.chunk_dim))
+    if agent.eval_zero_initial_noise:
+        initial_noise = jnp.zeros_like(initial_noise)
+    step_noise = jnp.zeros((agent.flow_steps, observations.shape[0], agent.chunk_dim))
+    return rollout(agent, params["policy"], observations, initial_noise, step_noise)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses and updates
+# ----------------------------------------------------------------------------------------------------
+
+
+def critic_loss(critic_params, target_critic_params, policy_params, agent: SACFlow, batch: dict, alpha, key):
+    """TD loss of the critic with the soft chunked target of the header; also returns the chunk steps' validity."""
+    next_chunks, next_log_prob = sample_chunks(agent, policy_params, batch["next_observations"], key)
+    # Q = mean of the target ensemble (QC-FQL's q_agg="mean").
+    next_q = agent.critic.apply(target_critic_params, batch["next_observations"], next_chunks).mean(axis=0)
+    if agent.backup_entropy:
+        next_q = next_q - alpha * next_log_prob
+    target, valid = chunked_td_target(batch["rewards"], batch["masks"], batch["terminals"], next_q, agent.gamma)
+    q = agent.critic.apply(critic_params, batch["observations"], batch["action_chunks"])
+    qf_loss = jnp.mean(valid[:, -1] * (q - jax.lax.stop_gradient(target)) ** 2)
+    metrics = {
+        "losses/qf_loss": qf_loss,
+        "losses/qf_values": q.mean(),
+        "losses/valid_chunk_fraction": valid[:, -1].mean(),
+        # -log pi of the next chunks; in the SAC phases replaced by that of the actor's chunks at s_t
+        "losses/entropy": -next_log_prob.mean(),
+    }
+    return qf_loss, valid, metrics
+
+
+def bc_loss(params, target_critic_params, agent: SACFlow, batch: dict, alpha, key):
+    """Phase (a): critic TD loss + flow-matching BC of the velocity towards the pre-tanh data chunks."""
+    critic_key, noise_key, time_key = jax.random.split(key, 3)
+    qf_loss, valid, metrics = critic_loss(
+        params["critic"], target_critic_params, jax.lax.stop_gradient(params["policy"]), agent, batch, alpha, critic_key
+    )
+    pre_tanh_chunks = jnp.arctanh(jnp.clip(batch["action_chunks"], -BC_TARGET_BOUND, BC_TARGET_BOUND))
+    shape = pre_tanh_chunks.shape
+    loss = flow_matching_loss(
+        lambda s, x, t: agent.policy.apply(params["policy"], s, x, t, method="velocity"),
+        batch["observations"],
+        pre_tanh_chunks,
+        valid,
+        jax.random.normal(noise_key, shape),
+        jax.random.uniform(time_key, (shape[0], 1)),
+    )
+    return qf_loss + loss, {**metrics, "losses/bc_loss": loss}
+
+
+def sac_loss(params, target_critic_params, agent: SACFlow, batch: dict, alpha, beta: float, key):
+    """Phases (b), (c): critic TD loss + the action-regularised SAC actor loss; returns log pi for the alpha loss."""
+    critic_key, actor_key = jax.random.split(key)
+    qf_loss, valid, metrics = critic_loss(
+        params["critic"], target_critic_params, jax.lax.stop_gradient(params["policy"]), agent, batch, alpha, critic_key
+    )
+    chunks, log_prob = sample_chunks(agent, params["policy"], batch["observations"], actor_key)
+    q = agent.critic.apply(jax.lax.stop_gradient(params["critic"]), batch["observations"], chunks).mean(axis=0)
+    regularisation = action_regularisation(chunks, batch["action_chunks"], valid)
+    actor_loss = beta * regularisation + jnp.mean(alpha * log_prob - q)
+    metrics = {
+        **metrics,
+        "losses/actor_loss": actor_loss,
+        "losses/actor_reg_loss": regularisation,
+        "losses/q_loss": -q.mean(),
+        "losses/entropy": -log_prob.mean(),
+    }
+    return qf_loss + actor_loss, (metrics, log_prob)
+
+
+def apply_gradients(agent: SACFlow, state: AgentState, grads) -> AgentState:
+    """One Adam step of the critic and the policy, then a Polyak step of the target critic."""
+    updates, opt_state = agent.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    target_critic_params = optax.incremental_update(params["critic"], state.target_critic_params, agent.tau)
+    return state.replace(params=params, target_critic_params=target_critic_params, opt_state=opt_state)
+
+
+def bc_update(agent: SACFlow, state: AgentState, batch: dict, key):
+    """Phase (a) update. alpha stays as it is: no actor term here reacts to it, so its loss would run away."""
+    alpha = jnp.exp(state.log_alpha)
+    grads, metrics = jax.grad(bc_loss, has_aux=True)(
+        state.params, state.target_critic_params, agent, batch, alpha, key
+    )
+    return apply_gradients(agent, state, grads), {**metrics, "losses/alpha": alpha}
+
+
+def sac_update(agent: SACFlow, state: AgentState, batch: dict, key, beta: float):
+    """Phases (b), (c) update: critic, policy, then log alpha."""
+    alpha = jnp.exp(state.log_alpha)
+    grads, (metrics, log_prob) = jax.grad(sac_loss, has_aux=True)(
+        state.params, state.target_critic_params, agent, batch, alpha, beta, key
+    )
+    state = apply_gradients(agent, state, grads)
+    alpha_loss_value, alpha_grad = jax.value_and_grad(alpha_loss)(state.log_alpha, log_prob, agent.target_entropy)
+    alpha_updates, alpha_opt_state = agent.alpha_optimizer.update(alpha_grad, state.alpha_opt_state)
+    log_alpha = optax.apply_updates(state.log_alpha, alpha_updates)
+    metrics = {**metrics, "losses/alpha_loss": alpha_loss_value, "losses/alpha": jnp.exp(log_alpha)}
+    return state.replace(log_alpha=log_alpha, alpha_opt_state=alpha_opt_state), metrics
+
+
+def offline_updates(agent: SACFlow, state: AgentState, buffer: dict, buffer_size, key, num_updates: int, phase: str):
+    """`num_updates` offline updates in one jax.lax.scan; phase "bc", "sac" or "interleaved" (a BC then a SAC update
+    on each batch). Returns the new state and the metrics averaged over the block."""
+
+    def body(state, step_key):
+        batch_key, bc_key, sac_key = jax.random.split(step_key, 3)
+        batch = sample_chunk_batch(buffer, buffer_size, batch_key, agent.batch_size, agent.horizon_length)
+        metrics = {}
+        if phase in ("bc", "interleaved"):
+            state, metrics = bc_update(agent, state, batch, bc_key)
+        if phase in ("sac", "interleaved"):
+            state, sac_metrics = sac_update(agent, state, batch, sac_key, agent.offline_beta)
+            metrics = {**metrics, **sac_metrics}
+        return state, metrics
+
+    state, metrics = jax.lax.scan(body, state, jax.random.split(key, num_updates))
+    return state, jax.tree.map(jnp.mean, metrics)
+
+
+def online_collect(agent: SACFlow, state: AgentState, buffer: dict, position, transition: dict, observation, key):
+    """Before online learning starts: store the transition and propose a chunk for `observation`."""
+    buffer = add_transition(buffer, position, transition)
+    return buffer, acting_chunks(agent, state.params, observation[None], key)[0]
+
+
+def online_step(agent: SACFlow, state: AgentState, buffer: dict, position, transition: dict, observation, key):
+    """Store the transition at row `position`, make one SAC update on the buffer, propose a chunk for `observation`."""
+    batch_key, update_key, act_key = jax.random.split(key, 3)
+    buffer = add_transition(buffer, position, transition)
+    batch = sample_chunk_batch(buffer, position + 1, batch_key, agent.batch_size, agent.horizon_length)
+    state, metrics = sac_update(agent, state, batch, update_key, agent.online_beta)
+    return state, buffer, metrics, acting_chunks(agent, state.params, observation[None], act_key)[0]
+
+
+def evaluate(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_length: int, action_dim: int):
+    """Mean success (OGBench's info['success'] at the episode's end) and mean return; chunks run open-loop."""
+    successes, returns = [], []
+    for episode in range(num_episodes):
+        observation, _ = env.reset()
+        episode_return, done, queue = 0.0, False, []
+        while not done:
+            if not queue:
+                key, act_key = jax.random.split(key)
+                chunk = np.asarray(act(params, np.asarray(observation, np.float32)[None], act_key)[0])
+                queue = list(chunk.reshape(horizon_length, action_dim))
+            observation, reward, terminated, truncated, info = env.step(queue.pop(0))
+            episode_return += float(reward)
+            done = terminated or truncated
+        successes.append(float(info["success"]))
+        returns.append(episode_return)
+    return float(np.mean(successes)), float(np.mean(returns))
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_args(args: Args):
+    for name in (
+        "horizon_length",
+        "batch_size",
+        "flow_steps",
+        "log_interval",
+        "eval_interval",
+        "offline_scan_length",
+        "num_qs",
+        "velocity_hidden",
+    ):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("offline_steps", "online_steps", "online_learning_starts", "eval_episodes", "alpha", "noise_std"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.online_alpha is not None and args.online_alpha < 0:
+        raise SystemExit(f"error: --online-alpha must be >= 0, got {args.online_alpha}")
+    if not 0 <= args.bc_fraction <= 1:
+        raise SystemExit(f"error: --bc-fraction must be in [0, 1], got {args.bc_fraction}")
+    if args.init_alpha <= 0:
+        raise SystemExit(f"error: --init-alpha must be > 0, got {args.init_alpha}")
+    if args.max_episode_steps is not None and args.max_episode_steps < 1:
+        raise SystemExit(f"error: --max-episode-steps must be >= 1, got {args.max_episode_steps}")
+    if args.track and not wandb_login_available():
+        raise SystemExit(
+            "error: --track needs a wandb login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
+        )
+
+
+def main():
+    args = tyro.cli(Args)
+    check_args(args)
+    env_id, dataset_name = split_ogbench_name(args.env_name)
+    if env_id not in gym.envs.registry:
+        raise SystemExit(f"error: unknown OGBench environment {env_id} (from --env-name {args.env_name})")
+    run_name = f"{args.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+    if os.path.exists(run_dir):
+        raise SystemExit(f"error: run directory {run_dir} already exists")
+
+    dataset_dir = os.path.expanduser(args.dataset_dir if args.dataset_dir is not None else "~/.ogbench/data")
+    dataset_path = os.path.join(dataset_dir, f"{dataset_name}.npz")
+    make_it = f"python offline_to_online/make_dataset.py --env-name {dataset_name} --dataset-dir {dataset_dir}"
+    if not os.path.isfile(dataset_path):
+        raise SystemExit(f"error: dataset file {dataset_path} not found; make it with: {make_it}")
+
+    # This script never renders: without a GL setting, MuJoCo (imported by gym.make) looks for an X display and
+    # warns on headless machines. OGBench declares float64 observation bounds; gymnasium's cast warning is harmless.
+    os.environ.setdefault("MUJOCO_GL", "disable")
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+    env_kwargs = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
+    env = gym.make(env_id, **env_kwargs)
+    eval_env = gym.make(env_id, **env_kwargs)
+    if not (np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)):
+        raise SystemExit(f"error: {env_id} has action bounds other than [-1, 1], which the tanh squash assumes")
+    action_dim = env.action_space.shape[0]
+    chunk_dim = args.horizon_length * action_dim
+    largest_entropy = max_path_entropy(
+        chunk_dim, args.flow_steps, args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX)
+    )
+    target_entropy = target_entropy_of(args, chunk_dim)
+    if target_entropy >= largest_entropy:
+        raise SystemExit(
+            f"error: the target entropy {target_entropy} (--target-entropy) is not below the largest entropy the "
+            f"policy can reach, {largest_entropy:.1f} for h*d = {chunk_dim}, K = {args.flow_steps} and its sigma "
+            "bound: alpha would grow without bound"
+        )
+    dataset = load_ogbench_dataset(dataset_path, env_id, env, make_it)
+    dataset_size = len(dataset["observations"])
+    if dataset_size < max(args.batch_size, args.horizon_length):
+        raise SystemExit(
+            f"error: dataset {dataset_path} has {dataset_size} transitions, fewer than --batch-size {args.batch_size} "
+            f"or --horizon-length {args.horizon_length}"
+        )
+
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    if args.track:
+        wandb.init(
+            project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args), dir=run_dir
+        )
+    logger = RunLogger(run_dir, args.track)
+    print(f"run {run_name}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}", flush=True)
+
+    agent, state = make_agent(args, env.observation_space.shape[0], action_dim)
+    buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
+    del dataset
+
+    offline_block = jax.jit(
+        functools.partial(offline_updates, agent), static_argnames=("num_updates", "phase"), donate_argnums=0
+    )
+    act = jax.jit(functools.partial(acting_chunks, agent))
+    eval_act = jax.jit(functools.partial(evaluation_chunks, agent))
+    collect = jax.jit(functools.partial(online_collect, agent), donate_argnums=1)
+    learn = jax.jit(functools.partial(online_step, agent), donate_argnums=(0, 1))
+    key = jax.random.key(args.seed)
+    offline_key, online_key, eval_key = jax.random.split(key, 3)
+    eval_env.reset(seed=args.seed + 1)
+
+    def run_evaluation(global_step: int):
+        nonlocal eval_key
+        if args.eval_episodes == 0:
+            return
+        eval_key, this_key = jax.random.split(eval_key)
+        success, episodic_return = evaluate(
+            eval_env, eval_act, state.params, this_key, args.eval_episodes, args.horizon_length, action_dim
+        )
+        logger.log(global_step, {"eval/success": success, "eval/episodic_return": episodic_return})
+        print(f"eval at step {global_step}: success {success:.3f}, return {episodic_return:.1f}", flush=True)
+
+    # Offline phase: blocks of updates, each one jitted scan over batches sampled on the device; the first
+    # bc_steps are BC, the rest action-regularised SAC (or both on every step with --interleave-offline-updates).
+    bc_steps = 0 if args.interleave_offline_updates else round(args.bc_fraction * args.offline_steps)
+    step, window_start, window_steps = 0, time.time(), 0
+    while step < args.offline_steps:
+        next_stop = min(
+            args.offline_steps,
+            (step // args.log_interval + 1) * args.log_interval,
+            (step // args.eval_interval + 1) * args.eval_interval,
+            bc_steps if step < bc_steps else args.offline_steps,
+        )
+        if args.interleave_offline_updates:
+            phase = "interleaved"
+        else:
+            phase = "bc" if step < bc_steps else "sac"
+        num_updates = min(args.offline_scan_length, next_stop - step)
+        state, metrics = offline_block(
+            state,
+            buffer,
+            np.int32(dataset_size),
+            jax.random.fold_in(offline_key, step),
+            num_updates=num_updates,
+            phase=phase,
+        )
+        step += num_updates
+        window_steps += num_updates
+        if step % args.log_interval == 0 or step == args.offline_steps:
+            jax.block_until_ready(state)
+            rate = window_steps / (time.time() - window_start)
+            logger.log(step, {**metrics, "charts/updates_per_s": rate})
+            eta = format_eta((args.offline_steps - step) / rate)
+            print(
+                f"offline step {step}/{args.offline_steps} ({phase})  updates/s {rate:.1f}  ETA {eta}  "
+                f"qf_loss {float(metrics['losses/qf_loss']):.4f}  alpha {float(metrics['losses/alpha']):.4g}",
+                flush=True,
+            )
+            window_start, window_steps = time.time(), 0
+        if step % args.eval_interval == 0 or step == args.offline_steps:
+            run_evaluation(step)
+            window_start, window_steps = time.time(), 0
+
+    # Online phase: the dataset is the start of the replay buffer; each env step appends one transition,
+    # makes one update and proposes the chunk for the next observation (used when the previous one has run out).
+    observation, _ = env.reset(seed=args.seed)
+    queue = list(
+        np.asarray(act(state.params, np.asarray(observation, np.float32)[None], online_key)[0]).reshape(
+            args.horizon_length, action_dim
+        )
+    )
+    episode_return, episode_length, position = 0.0, 0, dataset_size
+    window_start, window_steps, metrics = time.time(), 0, None
+    for online_step_index in range(1, args.online_steps + 1):
+        global_step = args.offline_steps + online_step_index
+        action = queue.pop(0)
+        next_observation, reward, terminated, truncated, info = env.step(action)
+        episode_return += float(reward)
+        episode_length += 1
+        if args.sparse:
+            reward = -1.0 if reward != 0.0 else 0.0
+        transition = {
+            "observations": np.asarray(observation, np.float32),
+            "actions": action,
+            "rewards": np.float32(reward),
+            "masks": np.float32(1.0 - terminated),
+            "terminals": np.float32(terminated or truncated),
+            "next_observations": np.asarray(next_observation, np.float32),
+        }
+        done = terminated or truncated
+        if done:
+            logger.log(
+                global_step,
+                {
+                    "charts/episodic_return": episode_return,
+                    "charts/episodic_length": episode_length,
+                    "charts/success": float(info["success"]),
+                },
+            )
+            observation, _ = env.reset()
+            episode_return, episode_length, queue = 0.0, 0, []
+        else:
+            observation = next_observation
+        step_key = jax.random.fold_in(online_key, online_step_index)
+        policy_observation = np.asarray(observation, np.float32)
+        if online_step_index >= args.online_learning_starts:
+            state, buffer, metrics, chunk = learn(
+                state, buffer, np.int32(position), transition, policy_observation, step_key
+            )
+        else:
+            buffer, chunk = collect(state, buffer, np.int32(position), transition, policy_observation, step_key)
+        position += 1
+        if not queue:
+            queue = list(np.asarray(chunk).reshape(args.horizon_length, action_dim))
+        window_steps += 1
+
+        if online_step_index % args.log_interval == 0 or online_step_index == args.online_steps:
+            sps = window_steps / (time.time() - window_start)
+            logger.log(global_step, {**(metrics if metrics is not None else {}), "charts/SPS": sps})
+            eta = format_eta((args.online_steps - online_step_index) / sps)
+            alpha_text = f"  alpha {float(metrics['losses/alpha']):.4g}" if metrics is not None else ""
+            print(
+                f"online step {online_step_index}/{args.online_steps}  SPS {sps:.1f}  ETA {eta}{alpha_text}", flush=True
+            )
+            window_start, window_steps = time.time(), 0
+        if online_step_index % args.eval_interval == 0 or online_step_index == args.online_steps:
+            run_evaluation(global_step)
+            window_start, window_steps = time.time(), 0
+
+    if args.save_model:
+        model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
+        with open(model_path, "wb") as f:
+            f.write(
+                flax.serialization.to_bytes(
+                    {
+                        "params": state.params,
+                        "target_critic_params": state.target_critic_params,
+                        "log_alpha": state.log_alpha,
+                    }
+                )
+            )
+        print(f"saved parameters to {model_path}", flush=True)
+    env.close()
+    eval_env.close()
+    logger.close()
+
+
+if __name__ == "__main__":
+    main()
