@@ -221,7 +221,7 @@ def end_to_end_sps(name: str, learning_starts: int = 5_000, steps: int = 1_500) 
              "--console-every", "500", "--eval-episodes", "0"],
             cwd=workdir, capture_output=True, text=True, check=True,
         )  # fmt: skip
-    rates = [float(sps) for step, sps in re.findall(r"step (\d+)/\d+ \| SPS (\d+)", result.stdout) if int(step) > learning_starts + 500]
+    rates = [float(sps) for step, sps in re.findall(r"step (\d+)/\d+ \| SPS ([\d.]+)", result.stdout) if int(step) > learning_starts + 500]
     return float(np.mean(rates))
 
 

@@ -801,7 +801,7 @@ def main():
             logger.log(global_step, {"charts/SPS": sps})
             eta = (args.total_timesteps - step) / max(sps, 1e-9)
             print(
-                f"step {step}/{args.total_timesteps} | SPS {sps:.0f} | ETA {eta / 3600:.1f}h | latest return {latest_return:.1f}",
+                f"step {step}/{args.total_timesteps} | SPS {sps:.1f} | ETA {eta / 3600:.1f}h | latest return {latest_return:.1f}",
                 flush=True,
             )
             window_time, window_start_step = now, step

@@ -225,22 +225,6 @@ def test_regularisation_pulls_chunks_towards_data(sac_setup):
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    """A tiny play dataset (2 episodes of 100 steps) made by the project's generator."""
-    make_dataset = load_script("make_dataset", OFFLINE_TO_ONLINE)
-    directory = str(tmp_path_factory.mktemp("ogbench_data"))
-    make_dataset.generate_dataset(
-        env_name=DATASET_NAME,
-        num_episodes=2,
-        num_val_episodes=1,
-        max_episode_steps=100,
-        dataset_dir=directory,
-        show_progress=False,
-    )
-    return directory
-
-
 def script_env(log_compiles: bool = False) -> dict:
     # LLVM's lowest optimisation level halves compilation, which is most of these short runs.
     return {

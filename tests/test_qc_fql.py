@@ -28,22 +28,6 @@ def load_module(name, path):
 qc_fql = load_module("qc_fql", SCRIPT)
 
 
-@pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    """A tiny play dataset (2 episodes of 100 steps) made by the project's generator."""
-    make_dataset = load_module("make_dataset", os.path.join(ROOT, "offline_to_online", "make_dataset.py"))
-    directory = str(tmp_path_factory.mktemp("ogbench_data"))
-    make_dataset.generate_dataset(
-        env_name=DATASET_NAME,
-        num_episodes=2,
-        num_val_episodes=1,
-        max_episode_steps=100,
-        dataset_dir=directory,
-        show_progress=False,
-    )
-    return directory
-
-
 def run_script(cwd, *flags, log_compiles=False):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_LOG_COMPILES": "1" if log_compiles else "0"}
     return subprocess.run(
