@@ -47,6 +47,7 @@ import netrc
 import os
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -130,6 +131,13 @@ class Args:
     """environment steps between logged losses"""
     console_every: int = 5_000
     """environment steps between console progress lines"""
+    num_seeds: int = 1
+    """train this many independent agents (seeds seed, seed+1, ...) in one process, one vmapped train step;
+    each seed writes its own runs/<run_name>/ (and, with --track, its own wandb run in one group)"""
+    checkpoint_every: int = 0
+    """environment steps between checkpoints (runs/<run_name>/checkpoint.flax, replay buffer included); 0: none"""
+    resume: str | None = None
+    """continue runs/<run_name> from its checkpoint with its saved args; flags given here win"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,25 +145,40 @@ class Args:
 
 
 class RunLogger:
-    """Appends every metric to runs/<run_name>/metrics.csv and, with --track, sends it to wandb."""
+    """Appends every metric to runs/<run_name>/metrics.csv and, with --track, sends it to its wandb run.
 
-    def __init__(self, run_dir: str, use_wandb: bool):
-        self.use_wandb = use_wandb
-        self.file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+    On resume from a checkpoint of step N, the rows logged at steps >= N by the interrupted run are dropped
+    (the resumed run logs those steps again) and the file is appended to.
+    """
+
+    def __init__(self, run_dir: str, wandb_run, resume_step: int | None = None):
+        self.wandb_run = wandb_run
+        path = os.path.join(run_dir, "metrics.csv")
+        if resume_step is None:
+            self.file = open(path, "w", newline="")
+            csv.writer(self.file).writerow(["global_step", "key", "value"])
+        else:
+            with open(path, newline="") as f:
+                header, *rows = list(csv.reader(f))
+            kept = [row for row in rows if int(row[0]) < resume_step]
+            with open(path + ".tmp", "w", newline="") as f:
+                csv.writer(f).writerows([header, *kept])
+            os.replace(path + ".tmp", path)
+            print(f"{path}: dropped {len(rows) - len(kept)} rows logged after the checkpoint (step {resume_step})")
+            self.file = open(path, "a", newline="")
         self.writer = csv.writer(self.file)
-        self.writer.writerow(["global_step", "key", "value"])
 
     def log(self, global_step: int, metrics: dict):
         for key, value in metrics.items():
             self.writer.writerow([global_step, key, float(value)])
         self.file.flush()
-        if self.use_wandb:
-            wandb.log({key: float(value) for key, value in metrics.items()}, step=global_step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({key: float(value) for key, value in metrics.items()}, step=global_step)
 
     def close(self):
         self.file.close()
-        if self.use_wandb:
-            wandb.finish()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def wandb_login_available() -> bool:
@@ -409,6 +432,14 @@ def buffer_add(buffer: ReplayBuffer, obs, action, reward, next_obs, terminated, 
     )
 
 
+def buffer_end_episode(buffer: ReplayBuffer) -> ReplayBuffer:
+    """Ends the episode of the latest transition as if it were truncated (a resumed run starts a new episode):
+    its next observation at slot `position` is kept, and the next episode starts one slot further."""
+    slots = buffer.observations.shape[0]
+    episode_open = buffer.is_transition[(buffer.position - 1) % slots]
+    return buffer.replace(position=(buffer.position + episode_open.astype(jnp.int32)) % slots)
+
+
 def buffer_sample(buffer: ReplayBuffer, key, batch_size: int):
     """Uniform over the intact transitions: (obs, actions, rewards, terminations, next_obs)."""
     slots = buffer.observations.shape[0]
@@ -497,9 +528,9 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 
 
 class TrainFunctions(NamedTuple):
-    train_step: Callable  # jitted; once learning has started, the one call per environment step
-    add_transition: Callable  # jitted; stores a transition before learning starts
-    evaluation_action: Callable  # jitted; deterministic action (ε = 0)
+    train_step: Callable  # jitted, over seeds; once learning has started, the one call per environment step
+    add_transition: Callable  # jitted, over seeds; stores a transition before learning starts
+    evaluation_action: Callable  # jitted, one agent; deterministic action (ε = 0)
     update_critic: Callable  # the pieces of train_step, not jitted (tests and bench/speed.py use them)
     update_actor_and_alpha: Callable
     sample_actions: Callable
@@ -621,7 +652,9 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
             actor_metrics=actor_metrics,
         )
         metrics = {**critic_metrics, **actor_metrics, "losses/alpha": jnp.exp(log_alpha)}
-        all_finite = jnp.all(jnp.stack([jnp.isfinite(v) for v in metrics.values()]))
+        finite = [jnp.isfinite(v) for v in metrics.values()]
+        finite += [jnp.isfinite(x).all() for x in jax.tree.leaves((policy_state.params, critic.params))]
+        all_finite = jnp.all(jnp.stack(finite))
         return agent, next_action[0], metrics, all_finite
 
     def add_transition(agent: AgentState, obs, action, reward, next_obs, terminated, episode_end):
@@ -636,9 +669,10 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         action, _, _ = rollout(params, batch_stats, obs[None], initial_noise, step_noise, train=False)
         return action[0]
 
+    # The agent state and the transitions carry a leading axis of --num-seeds independent agents.
     return TrainFunctions(
-        train_step=jax.jit(train_step, donate_argnums=0),
-        add_transition=jax.jit(add_transition, donate_argnums=0),
+        train_step=jax.jit(jax.vmap(train_step), donate_argnums=0),
+        add_transition=jax.jit(jax.vmap(add_transition), donate_argnums=0),
         evaluation_action=jax.jit(evaluation_action),
         update_critic=update_critic,
         update_actor_and_alpha=update_actor_and_alpha,
@@ -647,7 +681,7 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Environment, evaluation and the training loop
+# Environment, evaluation, checkpoints and the training loop
 
 
 def make_env(env_id: str, seed: int, video_dir: str | None = None, video_every: int = 1) -> gym.Env:
@@ -676,20 +710,101 @@ def make_env(env_id: str, seed: int, video_dir: str | None = None, video_every: 
     return gym.wrappers.RecordEpisodeStatistics(env)
 
 
-def evaluate(env: gym.Env, evaluation_action, agent: AgentState, episodes: int, key) -> float:
+def evaluate(env: gym.Env, evaluation_action, params, batch_stats, episodes: int, key) -> float:
     returns = []
     for _ in range(episodes):
         obs, _ = env.reset()
         done = False
         while not done:
             key, action_key = jax.random.split(key)
-            action = evaluation_action(
-                agent.policy.params, agent.policy.batch_stats, jnp.asarray(obs, jnp.float32), action_key
-            )
+            action = evaluation_action(params, batch_stats, jnp.asarray(obs, jnp.float32), action_key)
             obs, _, terminated, truncated, info = env.step(np.asarray(action))
             done = terminated or truncated
         returns.append(info["episode"]["r"])
     return float(np.mean(returns))
+
+
+def seed_slice(tree, i: int):
+    """Seed i's part of a pytree whose arrays have a leading seed axis."""
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+SCRIPT = os.path.basename(__file__)
+
+
+def save_checkpoint(run_dir: str, agent: AgentState, step: int, wandb_id: str):
+    """Writes runs/<run_name>/checkpoint.flax through a temporary file, so a crash while writing keeps the old one."""
+    path = os.path.join(run_dir, "checkpoint.flax")
+    data = flax.serialization.to_bytes({"script": SCRIPT, "step": step, "wandb_id": wandb_id, "agent": agent})
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_run(run_dir: str) -> tuple[dict, dict]:
+    """The saved args and the checkpoint of runs/<run_name>, or a one-line error."""
+    if not os.path.isfile(os.path.join(run_dir, "args.json")):
+        raise SystemExit(f"error: {run_dir} is not a run directory (no args.json)")
+    path = os.path.join(run_dir, "checkpoint.flax")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {run_dir} has no checkpoint.flax to resume from (run with --checkpoint-every N)")
+    try:
+        with open(os.path.join(run_dir, "args.json")) as f:
+            saved_args = json.load(f)
+        with open(path, "rb") as f:
+            checkpoint = flax.serialization.msgpack_restore(f.read())
+        script = checkpoint["script"]
+    except Exception as error:  # whatever the damage, one line
+        raise SystemExit(f"error: cannot read {path}: {type(error).__name__}: {error}")
+    if script != SCRIPT:
+        raise SystemExit(f"error: {run_dir} is a run of {script}, not {SCRIPT}")
+    return saved_args, checkpoint
+
+
+def parse_args() -> tuple[Args, dict | None]:
+    """The command line, and with --resume the run's checkpoint: its saved args, overridden by the flags given."""
+    args = tyro.cli(Args)
+    if args.resume is None:
+        return args, None
+    saved_args, checkpoint = read_run(args.resume)
+    try:
+        saved = Args(**{**saved_args, "resume": args.resume})
+    except TypeError as error:
+        raise SystemExit(f"error: {args.resume}/args.json does not match this script's Args: {error}")
+    return tyro.cli(Args, default=saved), checkpoint
+
+
+def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int) -> AgentState:
+    """The checkpoint's agent with a seed axis of 1; its interrupted episode ends (the environment starts anew)."""
+    target = create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
+    try:
+        agent = flax.serialization.from_state_dict(target, checkpoint["agent"])
+    except (KeyError, ValueError) as error:
+        raise SystemExit(f"error: {args.resume}/checkpoint.flax does not match these args: {error}")
+    if [np.shape(x) for x in jax.tree.leaves(agent)] != [np.shape(x) for x in jax.tree.leaves(target)]:
+        raise SystemExit(f"error: {args.resume}/checkpoint.flax does not match these args (network or buffer sizes)")
+    agent = agent.replace(buffer=buffer_end_episode(agent.buffer))
+    return jax.tree.map(lambda x: jnp.asarray(x)[None], agent)
+
+
+def stop_on_divergence(run_dir: str, metrics: dict, agent: AgentState, global_step: int, checkpoint_step):
+    """Names the non-finite losses or parameters of one seed, saves its parameters for inspection, and exits."""
+    bad = [f"{key}={value}" for key, value in metrics.items() if not np.isfinite(value)]
+    for name, params in (("policy parameters", agent.policy.params), ("critic parameters", agent.critic.params)):
+        if not all(np.isfinite(x).all() for x in jax.tree.leaves(params)):
+            bad.append(name)
+    with open(os.path.join(run_dir, "nonfinite_state.flax"), "wb") as f:
+        f.write(flax.serialization.to_bytes({"policy": agent.policy.params, "critic": agent.critic.params}))
+    if checkpoint_step is None:
+        kept = "no checkpoint was written (use --checkpoint-every N)"
+    else:
+        kept = f"last finite checkpoint: {run_dir}/checkpoint.flax (step {checkpoint_step})"
+    raise SystemExit(
+        f"error: non-finite {', '.join(bad)} at step {global_step} in {run_dir} "
+        f"(parameters saved to nonfinite_state.flax); {kept}"
+    )
 
 
 def check_args(args: Args):
@@ -706,11 +821,12 @@ def check_args(args: Args):
         "eval_every",
         "log_every",
         "console_every",
+        "num_seeds",
     )
     for name in positive:
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("learning_starts", "eval_episodes", "noise_std"):
+    for name in ("learning_starts", "eval_episodes", "noise_std", "checkpoint_every"):
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be zero or positive, got {getattr(args, name)}")
     if args.d_model % args.n_heads != 0:
@@ -721,6 +837,8 @@ def check_args(args: Args):
         raise SystemExit(
             f"error: --learning-starts {args.learning_starts} is smaller than --batch-size {args.batch_size}"
         )
+    if args.resume is not None and args.num_seeds != 1:
+        raise SystemExit("error: --resume continues one seed's run; resume each run of a --num-seeds group on its own")
     if args.track and not wandb_login_available():
         raise SystemExit(
             "error: --track needs a wandb login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
@@ -733,116 +851,173 @@ def check_args(args: Args):
 
 
 def main():
-    args = tyro.cli(Args)
+    args, checkpoint = parse_args()
     check_args(args)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    if os.path.exists(run_dir):
-        raise SystemExit(f"error: {run_dir} already exists; not overwriting it")
-    env = make_env(args.env_id, args.seed)
-    eval_env = make_env(
-        args.env_id,
-        args.seed + 1,
-        os.path.join(run_dir, "videos") if args.capture_video else None,
-        max(args.eval_episodes, 1),
-    )
-    os.makedirs(run_dir, exist_ok=True)  # RecordVideo may have made it already
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    if args.track:
-        wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args), dir=run_dir
+    seeds = [args.seed + i for i in range(args.num_seeds)]
+    timestamp = int(time.time())
+    if checkpoint is None:
+        start_step = 0
+        run_dirs = [os.path.join("runs", f"{args.env_id}__{args.exp_name}__{seed}__{timestamp}") for seed in seeds]
+        for run_dir in run_dirs:
+            if os.path.exists(run_dir):
+                raise SystemExit(f"error: {run_dir} already exists; not overwriting it")
+        wandb_ids = [uuid.uuid4().hex[:8] for _ in seeds]
+    else:
+        start_step = int(checkpoint["step"])
+        if start_step >= args.total_timesteps:
+            raise SystemExit(
+                f"error: {args.resume} is at step {start_step} already; give a larger --total-timesteps to continue it"
+            )
+        run_dirs = [args.resume]
+        wandb_ids = [checkpoint["wandb_id"]]
+        print(f"resuming {args.resume} from its checkpoint at step {start_step}")
+    # A resumed run's environments start new episodes, from seeds of their own.
+    envs = [make_env(args.env_id, seed + start_step) for seed in seeds]
+    video_folder = "videos" if start_step == 0 else f"videos_from_step_{start_step}"
+    eval_envs = [
+        make_env(
+            args.env_id,
+            seed + 1 + start_step,
+            os.path.join(run_dir, video_folder) if args.capture_video else None,
+            max(args.eval_episodes, 1),
         )
-    logger = RunLogger(run_dir, args.track)
+        for seed, run_dir in zip(seeds, run_dirs)
+    ]
+    loggers = []
+    for seed, run_dir, wandb_id in zip(seeds, run_dirs, wandb_ids):
+        os.makedirs(run_dir, exist_ok=True)  # RecordVideo may have made it already
+        # Each seed's args.json describes a single-seed run of that seed, so it can be resumed on its own.
+        seed_args = dataclasses.asdict(dataclasses.replace(args, seed=seed, num_seeds=1, resume=None))
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(seed_args, f, indent=2)
+        wandb_run = None
+        if args.track:
+            wandb_run = wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                name=os.path.basename(run_dir),
+                group=f"{args.env_id}__{args.exp_name}__{timestamp}" if args.num_seeds > 1 else None,
+                id=wandb_id,
+                resume="allow",
+                config=seed_args,
+                dir=run_dir,
+                reinit="create_new",
+            )
+        loggers.append(RunLogger(run_dir, wandb_run, resume_step=None if checkpoint is None else start_step))
 
-    obs_dim = env.observation_space.shape[0]
-    action_dim = env.action_space.shape[0]
-    action_scale = (env.action_space.high - env.action_space.low) / 2
-    action_bias = (env.action_space.high + env.action_space.low) / 2
-    key, eval_key = jax.random.split(jax.random.PRNGKey(args.seed))
-    agent = create_agent(args, key, obs_dim, action_dim)
+    obs_dim = envs[0].observation_space.shape[0]
+    action_dim = envs[0].action_space.shape[0]
+    action_scale = (envs[0].action_space.high - envs[0].action_space.low) / 2
+    action_bias = (envs[0].action_space.high + envs[0].action_space.low) / 2
+    keys = [jax.random.split(jax.random.PRNGKey(seed)) for seed in seeds]
+    eval_keys = [eval_key for _, eval_key in keys]
+    if checkpoint is None:
+        # One AgentState whose arrays have a leading axis of seeds: agent i is exactly that of seed i alone.
+        agents = jax.vmap(lambda key: create_agent(args, key, obs_dim, action_dim))(jnp.stack([k for k, _ in keys]))
+    else:
+        agents = restore_agent(args, checkpoint, obs_dim, action_dim)
     train_step, add_transition, evaluation_action, *_ = make_train_functions(
         args, action_dim, action_scale, action_bias
     )
 
-    obs, _ = env.reset()
-    action = env.action_space.sample()
+    obs = np.stack([env.reset()[0] for env in envs])
+    actions = np.stack([env.action_space.sample() for env in envs])
+    checkpoint_step = None if checkpoint is None else start_step
     start_time = window_time = time.time()
-    window_start_step = 0
-    latest_return = float("nan")
-    for global_step in range(args.total_timesteps):
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        episode_end = terminated or truncated
-        if episode_end:
-            latest_return = float(info["episode"]["r"])
-            logger.log(
-                global_step, {"charts/episodic_return": latest_return, "charts/episodic_length": info["episode"]["l"]}
-            )
-            policy_obs, _ = env.reset()
-        else:
-            policy_obs = next_obs
+    window_start_step = start_step
+    latest_returns = [float("nan")] * args.num_seeds
+    for global_step in range(start_step, args.total_timesteps):
+        next_obs, rewards, terminations, episode_ends, policy_obs = [], [], [], [], []
+        for i, env in enumerate(envs):
+            observation, reward, terminated, truncated, info = env.step(actions[i])
+            next_obs.append(observation)  # the real final observation, also on truncation
+            rewards.append(reward)
+            terminations.append(terminated)
+            episode_ends.append(terminated or truncated)
+            if terminated or truncated:
+                latest_returns[i] = float(info["episode"]["r"])
+                loggers[i].log(
+                    global_step,
+                    {"charts/episodic_return": latest_returns[i], "charts/episodic_length": info["episode"]["l"]},
+                )
+                observation, _ = env.reset()
+            policy_obs.append(observation)
         transition = (
             jnp.asarray(obs, jnp.float32),
-            jnp.asarray(action, jnp.float32),
-            jnp.float32(reward),
-            jnp.asarray(next_obs, jnp.float32),  # the real final observation, also on truncation
-            jnp.float32(terminated),
-            jnp.bool_(episode_end),
+            jnp.asarray(actions, jnp.float32),
+            jnp.asarray(rewards, jnp.float32),
+            jnp.asarray(np.stack(next_obs), jnp.float32),
+            jnp.asarray(terminations, jnp.float32),
+            jnp.asarray(episode_ends, jnp.bool_),
         )
         if global_step + 1 >= args.learning_starts:
-            agent, action, metrics, all_finite = train_step(agent, *transition, jnp.asarray(policy_obs, jnp.float32))
-            action = np.asarray(action)
-            if not all_finite:
-                metrics = jax.device_get(metrics)
-                bad = ", ".join(f"{k}={v}" for k, v in metrics.items() if not np.isfinite(v))
-                with open(os.path.join(run_dir, "nonfinite_state.flax"), "wb") as f:
-                    f.write(flax.serialization.to_bytes({"policy": agent.policy.params, "critic": agent.critic.params}))
-                raise SystemExit(
-                    f"error: non-finite loss at step {global_step}: {bad} (parameters saved to {run_dir}/nonfinite_state.flax)"
-                )
+            agents, actions, metrics, all_finite = train_step(
+                agents, *transition, jnp.asarray(np.stack(policy_obs), jnp.float32)
+            )
+            actions = np.asarray(actions)
+            if not np.all(all_finite):
+                i = int(np.argmin(all_finite))
+                metrics_i = {key: value[i] for key, value in jax.device_get(metrics).items()}
+                stop_on_divergence(run_dirs[i], metrics_i, seed_slice(agents, i), global_step, checkpoint_step)
             if (global_step + 1) % args.log_every == 0:
-                logger.log(global_step, jax.device_get(metrics))
+                metrics = jax.device_get(metrics)
+                for i, logger in enumerate(loggers):
+                    logger.log(global_step, {key: value[i] for key, value in metrics.items()})
         else:
-            agent = add_transition(agent, *transition)
-            action = env.action_space.sample()
-        obs = policy_obs
+            agents = add_transition(agents, *transition)
+            actions = np.stack([env.action_space.sample() for env in envs])
+        obs = np.stack(policy_obs)
 
         step = global_step + 1
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            for i, run_dir in enumerate(run_dirs):
+                save_checkpoint(run_dir, seed_slice(agents, i), step, wandb_ids[i])
+            checkpoint_step = step
         if step % args.console_every == 0 or step == args.total_timesteps:
             now = time.time()
             sps = (step - window_start_step) / (now - window_time)
-            logger.log(global_step, {"charts/SPS": sps})
+            for logger in loggers:
+                logger.log(global_step, {"charts/SPS": sps})
             eta = (args.total_timesteps - step) / max(sps, 1e-9)
+            returns = ", ".join(f"{r:.1f}" for r in latest_returns)
             print(
-                f"step {step}/{args.total_timesteps} | SPS {sps:.1f} | ETA {eta / 3600:.1f}h | latest return {latest_return:.1f}",
+                f"step {step}/{args.total_timesteps} | SPS {sps:.1f} | ETA {eta / 3600:.1f}h | latest return {returns}",
                 flush=True,
             )
             window_time, window_start_step = now, step
         if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_timesteps):
             eval_start = time.time()
-            eval_key, key_now = jax.random.split(eval_key)
-            eval_return = evaluate(eval_env, evaluation_action, agent, args.eval_episodes, key_now)
-            logger.log(global_step, {"eval/episodic_return": eval_return})
-            print(f"step {step}: eval return {eval_return:.1f} over {args.eval_episodes} episodes", flush=True)
+            eval_returns = []
+            for i, (eval_env, logger) in enumerate(zip(eval_envs, loggers)):
+                policy = seed_slice(agents.policy, i)
+                key = jax.random.fold_in(eval_keys[i], step)  # the same key at this step, resumed or not
+                eval_returns.append(
+                    evaluate(eval_env, evaluation_action, policy.params, policy.batch_stats, args.eval_episodes, key)
+                )
+                logger.log(global_step, {"eval/episodic_return": eval_returns[-1]})
+            returns = ", ".join(f"{r:.1f}" for r in eval_returns)
+            print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)
             window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
 
-    if args.save_model:
-        model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
-        with open(model_path, "wb") as f:
-            f.write(
-                flax.serialization.to_bytes(
-                    {
-                        "policy": {"params": agent.policy.params, "batch_stats": agent.policy.batch_stats},
-                        "critic": {"params": agent.critic.params, "batch_stats": agent.critic.batch_stats},
-                        "log_alpha": agent.log_alpha,
-                    }
+    for i, run_dir in enumerate(run_dirs):
+        agent = seed_slice(agents, i)
+        if args.save_model:
+            model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
+            with open(model_path, "wb") as f:
+                f.write(
+                    flax.serialization.to_bytes(
+                        {
+                            "policy": {"params": agent.policy.params, "batch_stats": agent.policy.batch_stats},
+                            "critic": {"params": agent.critic.params, "batch_stats": agent.critic.batch_stats},
+                            "log_alpha": agent.log_alpha,
+                        }
+                    )
                 )
-            )
-        print(f"model saved to {model_path}")
-    env.close()
-    eval_env.close()
-    logger.close()
-    print(f"done in {time.time() - start_time:.0f}s; logs in {run_dir}")
+            print(f"model saved to {model_path}")
+        envs[i].close()
+        eval_envs[i].close()
+        loggers[i].close()
+    print(f"done in {time.time() - start_time:.0f}s; logs in {', '.join(run_dirs)}")
 
 
 if __name__ == "__main__":

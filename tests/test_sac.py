@@ -104,9 +104,10 @@ def test_train_step_entropy_and_default_target_entropy():
     agent = agent.replace(policy=agent.policy.replace(params=params))
     action_scale = np.full(ACTION_DIM, 100.0, np.float32)
     train_step = sac.make_train_functions(args, ACTION_DIM, action_scale, np.zeros(ACTION_DIM, np.float32)).train_step
-    _, _, metrics, _ = train_step(
-        agent, obs, action, jnp.float32(1), next_obs, jnp.float32(0), jnp.bool_(False), next_obs
-    )
+    transition = (obs, action, jnp.float32(1), next_obs, jnp.float32(0), jnp.bool_(False), next_obs)
+    one_seed = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], (agent, *transition))  # a seed axis of 1
+    _, _, metrics, _ = train_step(*one_seed)
+    metrics = {key: value[0] for key, value in metrics.items()}
 
     entropy = float(metrics["losses/entropy"])
     expected_entropy = ACTION_DIM * (math.log(100.0) - 5.0 + 0.5 * math.log(2 * math.pi) + 0.5)

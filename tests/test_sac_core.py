@@ -107,6 +107,45 @@ def test_replay_buffer_wraps_around(script):
     np.testing.assert_array_equal(np.asarray(next_b), np.asarray(obs_b) + 1)
 
 
+@pytest.mark.parametrize("wraps", [False, True])
+def test_replay_buffer_end_episode_on_resume_keeps_the_last_next_observation(script, wraps):
+    """A resumed run ends the interrupted episode: the last transition keeps its next observation, the new episode
+    does not overwrite it, and the pairing stays right (also when the buffer has wrapped around)."""
+    module = load_script(script)
+    buffer = module.create_buffer(7, 1, 1)
+    transitions = {}  # step -> (obs, next_obs) of the transitions still stored
+
+    def add(buffer, step, obs):  # within an episode, obs is the previous next_obs
+        transitions[step] = (obs, obs + 1.0)
+        return module.buffer_add(
+            buffer,
+            jnp.float32([obs]),
+            jnp.float32([step]),
+            jnp.float32(0),
+            jnp.float32([obs + 1.0]),
+            jnp.float32(0),
+            jnp.bool_(False),
+        )
+
+    old_steps = 9 if wraps else 3
+    for step in range(old_steps):
+        buffer = add(buffer, step, float(step))
+    buffer = module.buffer_end_episode(buffer)
+    assert module.buffer_end_episode(buffer).position == buffer.position  # an ended episode is not ended twice
+    for step in range(old_steps, old_steps + 2):  # the new episode, from a reset observation far from the old ones
+        buffer = add(buffer, step, 100.0 + step - old_steps)
+    obs_b, act_b, _, _, next_b = module.buffer_sample(buffer, jax.random.PRNGKey(0), 2000)
+    sampled = np.asarray(act_b)[:, 0].astype(int)
+    for i, step in enumerate(sampled[:300]):
+        assert (float(obs_b[i, 0]), float(next_b[i, 0])) == transitions[step]
+    # 7 slots: the 2 new transitions take 3 slots (with the next observation), the skipped slot keeps the last
+    # old next observation, so the old transitions left are the newest ones that fit in the 3 slots before it.
+    expected_old = set(range(old_steps))
+    if wraps:
+        expected_old = {6, 7, 8}
+    assert set(sampled) == expected_old | {old_steps, old_steps + 1}
+
+
 def test_td_target(script):
     module = load_script(script)
     rng = np.random.default_rng(3)
@@ -165,21 +204,26 @@ def test_train_step_compiles_once_and_learns_something(script):
             jnp.bool_(step % 5 == 0),
         )
 
+    def one_seed(tree):  # the train step runs over a leading axis of seeds
+        return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
+
+    agent = one_seed(agent)
     for step in range(10):
-        agent = add_transition(agent, *transition(step))
+        agent = add_transition(agent, *one_seed(transition(step)))
     first_policy = jax.tree_util.tree_map(np.asarray, agent.policy.params)
     for step in range(7):
-        agent, action, metrics, all_finite = train_step(agent, *transition(step), jnp.zeros(obs_dim, jnp.float32))
-        assert bool(all_finite) and action.shape == (action_dim,)
-        evaluation_action(
-            agent.policy.params, agent.policy.batch_stats, jnp.zeros(obs_dim, jnp.float32), jax.random.PRNGKey(step)
+        agent, action, metrics, all_finite = train_step(
+            agent, *one_seed(transition(step)), jnp.zeros((1, obs_dim), jnp.float32)
         )
+        assert bool(all_finite[0]) and action.shape == (1, action_dim)
+        policy = module.seed_slice(agent.policy, 0)
+        evaluation_action(policy.params, policy.batch_stats, jnp.zeros(obs_dim, jnp.float32), jax.random.PRNGKey(step))
     assert train_step._cache_size() == 1
     assert add_transition._cache_size() == 1
     assert evaluation_action._cache_size() == 1
-    assert int(agent.critic_updates) == 7
+    assert int(agent.critic_updates[0]) == 7
     moved = jax.tree_util.tree_map(
         lambda a, b: not np.allclose(a, b), first_policy, jax.tree_util.tree_map(np.asarray, agent.policy.params)
     )
     assert any(jax.tree_util.tree_leaves(moved))
-    assert float(metrics["losses/alpha"]) != 0.2  # autotune moved α
+    assert float(metrics["losses/alpha"][0]) != 0.2  # autotune moved α
