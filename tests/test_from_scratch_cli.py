@@ -49,6 +49,8 @@ BAD_INPUTS = {
         "--buffer-size",
     ),
     "non-positive steps": (["--total-timesteps", "0"], "--total-timesteps"),
+    "non-positive seeds": (["--num-seeds", "0"], "--num-seeds"),
+    "negative checkpoint interval": (["--checkpoint-every", "-1"], "--checkpoint-every"),
     "learning starts before a batch": (["--learning-starts", "10", "--batch-size", "32"], "--learning-starts"),
     "track without login": (["--track"], "wandb login"),
 }

@@ -1,0 +1,180 @@
+"""The from-scratch scripts over a run's life: the same seed gives the same run, checkpoints resume (also after
+SIGKILL), --num-seeds trains independent seeds, a diverging run stops at once, and a bad --resume is one line."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax
+import numpy as np
+import pytest
+from conftest import ALL_SCRIPTS, FROM_SCRATCH, run_script
+
+SMALL_NETWORKS = {
+    "sac": ["--actor-hidden", "32"],
+    "sac_flow_naive": ["--velocity-hidden", "32"],
+    "sac_flow_gru": ["--velocity-hidden", "32"],
+    "sac_flow_transformer": ["--d-model", "16", "--n-heads", "2"],
+}
+
+
+def tiny_flags(script: str, total_timesteps: int, *extra: str) -> list[str]:
+    return [
+        *("--env-id", "Hopper-v4", "--total-timesteps", str(total_timesteps), "--learning-starts", "100"),
+        *("--batch-size", "16", "--buffer-size", "1000", "--critic-hidden", "64", *SMALL_NETWORKS[script]),
+        *("--eval-every", "200", "--eval-episodes", "1", "--log-every", "20", "--console-every", "100", *extra),
+    ]
+
+
+def run_dirs(cwd) -> list:
+    return sorted((cwd / "runs").iterdir())
+
+
+def metric_rows(run_dir) -> list[tuple[int, str, float]]:
+    """(global_step, key, value) of metrics.csv, without the time-based charts/SPS."""
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [(int(r["global_step"]), r["key"], float(r["value"])) for r in rows if r["key"] != "charts/SPS"]
+
+
+def checkpoint_step(run_dir) -> int:
+    with open(run_dir / "checkpoint.flax", "rb") as f:
+        return int(flax.serialization.msgpack_restore(f.read())["step"])
+
+
+def assert_one_line_error(result, *mentioned: str):
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error:") and all(m in last_line for m in mentioned), last_line
+
+
+def test_same_seed_same_metrics_and_resume_to_a_new_total(tmp_path):
+    """Two runs of one seed write the same rows (checkpointing changes nothing); the finished run then continues
+    from its checkpoint to a larger --total-timesteps in the same directory."""
+    script = FROM_SCRATCH / "sac_flow_transformer.py"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    flags = tiny_flags("sac_flow_transformer", 200)
+    first = run_script(script, *flags, "--checkpoint-every", "100", cwd=tmp_path / "a")
+    second = run_script(script, *flags, cwd=tmp_path / "b")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-3000:] + second.stderr[-3000:]
+    (run_a,) = run_dirs(tmp_path / "a")
+    (run_b,) = run_dirs(tmp_path / "b")
+    rows = metric_rows(run_a)
+    assert {key for _, key, _ in rows} >= {"losses/qf_loss", "losses/actor_loss", "eval/episodic_return"}
+    assert rows == metric_rows(run_b)
+    assert checkpoint_step(run_a) == 200
+
+    resumed = run_script(script, "--resume", f"runs/{run_a.name}", "--total-timesteps", "300", cwd=tmp_path / "a")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout and "step 300/300" in resumed.stdout
+    assert run_dirs(tmp_path / "a") == [run_a]  # the same directory, continued
+    assert json.loads((run_a / "args.json").read_text())["total_timesteps"] == 300
+    continued = metric_rows(run_a)
+    assert continued[: len(rows)] == rows
+    steps = [step for step, _, _ in continued]
+    assert steps == sorted(steps) and steps[-1] == 299 and steps[len(rows)] >= 200
+    assert checkpoint_step(run_a) == 300
+
+
+def test_resume_after_sigkill_continues_without_duplicate_rows(tmp_path):
+    script = FROM_SCRATCH / "sac_flow_naive.py"
+    flags = tiny_flags("sac_flow_naive", 100_000, "--checkpoint-every", "100")
+    process = subprocess.Popen(
+        [sys.executable, str(script), *flags],
+        cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            runs = list((tmp_path / "runs").glob("*/checkpoint.flax"))
+            if runs and checkpoint_step(runs[0].parent) >= 200:
+                time.sleep(1.0)  # let it log past the checkpoint: those rows must be dropped on resume
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint at step 200 within 5 minutes")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    (run_dir,) = run_dirs(tmp_path)
+    step = checkpoint_step(run_dir)
+    resumed = run_script(script, "--resume", f"runs/{run_dir.name}", "--total-timesteps", str(step + 100), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = metric_rows(run_dir)
+    assert len({(s, key) for s, key, _ in rows}) == len(rows)  # nothing logged twice for one step
+    steps = [s for s, _, _ in rows]
+    assert steps == sorted(steps) and steps[-1] == step + 99
+    assert all(np.isfinite(value) for _, _, value in rows)
+
+
+def test_num_seeds_trains_each_seed_as_if_alone(tmp_path):
+    """--num-seeds 3 from seed 1 writes three runs; the seed-2 one matches a single-seed run of seed 2 (to float
+    rounding: the vmapped matmuls round differently, and training amplifies that, so only the first updates)."""
+    script = FROM_SCRATCH / "sac_flow_gru.py"
+    (tmp_path / "group").mkdir()
+    (tmp_path / "alone").mkdir()
+    flags = tiny_flags("sac_flow_gru", 200)
+    group = run_script(script, *flags, "--num-seeds", "3", cwd=tmp_path / "group")
+    alone = run_script(script, *flags, "--seed", "2", cwd=tmp_path / "alone")
+    assert group.returncode == 0 and alone.returncode == 0, group.stderr[-3000:] + alone.stderr[-3000:]
+    seeds = run_dirs(tmp_path / "group")
+    assert [run.name.split("__")[2] for run in seeds] == ["1", "2", "3"]
+    assert [json.loads((run / "args.json").read_text())["seed"] for run in seeds] == [1, 2, 3]
+    rows = [metric_rows(run) for run in seeds]
+    assert rows[0] != rows[1] != rows[2]  # independent environments and agents
+    (alone_dir,) = run_dirs(tmp_path / "alone")
+    first_updates = [row for row in rows[1] if row[0] < 150]
+    expected = [row for row in metric_rows(alone_dir) if row[0] < 150]
+    assert {"losses/qf_loss", "losses/actor_loss"} <= {key for _, key, _ in expected}
+    assert [(s, key) for s, key, _ in first_updates] == [(s, key) for s, key, _ in expected]
+    np.testing.assert_allclose([v for _, _, v in first_updates], [v for _, _, v in expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_divergence_stops_at_once_and_keeps_the_last_checkpoint(script, tmp_path):
+    flags = tiny_flags(script, 300, "--q-lr", "1e12", "--policy-lr", "1e12", "--checkpoint-every", "50")
+    result = run_script(FROM_SCRATCH / f"{script}.py", *flags, cwd=tmp_path)
+    assert_one_line_error(result, "non-finite", "at step", "last finite checkpoint")
+    (run_dir,) = run_dirs(tmp_path)
+    assert checkpoint_step(run_dir) in (50, 100)  # learning starts at step 100; it diverges within a few updates
+    assert (run_dir / "nonfinite_state.flax").stat().st_size > 0
+
+
+def write_fake_run(run_dir, script_name: str | None, checkpoint: bytes | None = None):
+    run_dir.mkdir(parents=True)
+    (run_dir / "args.json").write_text("{}")
+    if checkpoint is None and script_name is not None:
+        checkpoint = flax.serialization.to_bytes({"script": script_name, "step": 10, "wandb_id": "", "agent": {}})
+    if checkpoint is not None:
+        (run_dir / "checkpoint.flax").write_bytes(checkpoint)
+
+
+BAD_RESUMES = {
+    "not a run": (lambda d: d.mkdir(), [], "is not a run directory"),
+    "no checkpoint": (lambda d: write_fake_run(d, None), [], "has no checkpoint.flax"),
+    "another script's run": (lambda d: write_fake_run(d, "sac_flow_gru.py"), [], "is a run of sac_flow_gru.py"),
+    "corrupt checkpoint": (lambda d: write_fake_run(d, None, b"\x00garbage"), [], "cannot read"),
+    "several seeds": (lambda d: write_fake_run(d, "sac_flow_naive.py"), ["--num-seeds", "2"], "--num-seeds"),
+    "already finished": (
+        lambda d: write_fake_run(d, "sac_flow_naive.py"),
+        ["--total-timesteps", "10"],
+        "--total-timesteps",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RESUMES))
+def test_bad_resume_is_one_line_and_nonzero_exit(case, tmp_path):
+    make_run, flags, mentioned = BAD_RESUMES[case]
+    make_run(tmp_path / "run")
+    result = run_script(FROM_SCRATCH / "sac_flow_naive.py", "--resume", "run", *flags, cwd=tmp_path, timeout=120)
+    assert_one_line_error(result, mentioned)
