@@ -21,10 +21,15 @@ CrossQ critic, a 1M-slot buffer holding 100k transitions):
   few updates, next to separate_storage_gib, what observations and next observations stored separately would
   take (buffer_memory_ratio = their ratio). Together about 5 minutes per script on 2 idle cores.
 
+- num_seeds (outside --quick, or with --num-seeds 1 3 5): total updates/s of the train step vmapped over N
+  seeds (--num-seeds N of the scripts), and its ratio to N × the single-seed rate.
+
     python bench/speed.py --quick --json speed.json
+    python bench/speed.py --quick --scripts sac_flow_gru --num-seeds 1 3 5
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import re
@@ -98,16 +103,22 @@ def random_transition(rng):
 
 
 class FusedRunner:
-    """The script's own loop body: one jitted call per environment step."""
+    """The script's own loop body: one jitted call per environment step, for args.num_seeds agents at once."""
 
     def __init__(self, module, args, rng):
         self.functions = module.make_train_functions(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM))
-        self.agent = synthetic_agent(module, args, rng)
-        self.rng = rng
+        agent = synthetic_agent(module, args, rng)
+        self.agent = jax.tree_util.tree_map(lambda x: jnp.repeat(x[None], args.num_seeds, axis=0), agent)
+        self.num_seeds, self.rng = args.num_seeds, rng
+
+    def transition(self):
+        """A random transition per seed, then the observation to act on."""
+        seeds = [random_transition(self.rng) for _ in range(self.num_seeds)]
+        stacked = tuple(np.stack(field) for field in zip(*seeds))
+        return (*stacked, stacked[3])
 
     def step(self):
-        transition = random_transition(self.rng)
-        self.agent, action, _, _ = self.functions.train_step(self.agent, *transition, transition[3])
+        self.agent, action, _, _ = self.functions.train_step(self.agent, *self.transition())
         return np.asarray(action)
 
 
@@ -171,9 +182,9 @@ def flops_per_update(module, args, fused: FusedRunner) -> float:
         analysis = compiled.cost_analysis()
         return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
-    transition = random_transition(np.random.default_rng(0))
-    whole = flops(fused.functions.train_step.lower(fused.agent, *transition, transition[3]).compile())
-    agent, obs = fused.agent, jnp.zeros((args.batch_size, OBS_DIM), jnp.float32)
+    whole = flops(fused.functions.train_step.lower(fused.agent, *fused.transition()).compile())
+    agent = jax.tree_util.tree_map(lambda x: x[0], fused.agent)
+    obs = jnp.zeros((args.batch_size, OBS_DIM), jnp.float32)
     actor = flops(
         jax.jit(fused.functions.update_actor_and_alpha)
         .lower(agent.policy, agent.log_alpha, agent.alpha_opt_state, agent.critic, obs, jax.random.PRNGKey(0))
@@ -213,12 +224,36 @@ def measure_script(name: str, rounds: int, steps_per_round: int) -> dict:
     }
 
 
+def seeds_updates_per_s(name: str, num_seeds: list[int], rounds: int, steps_per_round: int) -> dict:
+    """Total updates/s (seeds × calls/s) of the script's train step vmapped over N seeds (--num-seeds N), and
+    its ratio to N × the single-seed rate; the N are measured in alternating rounds."""
+    module = load_script(name)
+    rng = np.random.default_rng(0)
+    runners = {n: FusedRunner(module, dataclasses.replace(module.Args(), num_seeds=n), rng) for n in num_seeds}
+    elapsed = dict.fromkeys(num_seeds, 0.0)
+    for runner in runners.values():
+        runner.step()  # compile
+    for _ in range(rounds):
+        for n, runner in runners.items():
+            start = time.perf_counter()
+            for _ in range(steps_per_round):
+                runner.step()
+            elapsed[n] += time.perf_counter() - start
+    total = {n: n * rounds * steps_per_round / elapsed[n] for n in num_seeds}
+    single = total[1] if 1 in total else float("nan")
+    return {str(n): {"updates_per_s": total[n], "vs_n_single_seeds": total[n] / (n * single)} for n in num_seeds}
+
+
 def run_script(name: str, flags: list, python_code: str | None = None) -> str:
     """Runs a from-scratch script in a scratch directory and returns its console; a one-line error if it fails."""
     command = [sys.executable] + (["-c", python_code] if python_code else [])
     with tempfile.TemporaryDirectory() as workdir:
         result = subprocess.run(
-            command + [str(REPO / "from_scratch" / f"{name}.py")] + flags, cwd=workdir, capture_output=True, text=True
+            command + [str(REPO / "from_scratch" / f"{name}.py")] + flags,
+            cwd=workdir,
+            capture_output=True,
+            text=True,
+            check=False,
         )
     if result.returncode != 0:
         last_line = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -236,7 +271,11 @@ def end_to_end_sps(name: str, learning_starts: int = 5_000, steps: int = 1_000, 
         ["--env-id", "Hopper-v4", "--learning-starts", str(learning_starts),
          "--total-timesteps", str(learning_starts + steps), "--console-every", str(window), "--eval-episodes", "0"],
     )  # fmt: skip
-    rates = [float(sps) for step, sps in re.findall(r"step (\d+)/\d+ \| SPS ([\d.]+)", console) if int(step) > learning_starts + window]
+    rates = [
+        float(sps)
+        for step, sps in re.findall(r"step (\d+)/\d+ \| SPS ([\d.]+)", console)
+        if int(step) > learning_starts + window
+    ]
     return len(rates) / sum(1 / rate for rate in rates)
 
 
@@ -269,11 +308,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="train-step figures only, under ~5 minutes on 2 cores")
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS, help="which scripts to measure")
+    parser.add_argument(
+        "--num-seeds",
+        type=int,
+        nargs="*",
+        help="also measure the train step vmapped over these numbers of seeds (default: 1 3 5 outside --quick)",
+    )
     options = parser.parse_args()
     if options.json and options.json.exists():
         raise SystemExit(f"error: {options.json} exists; not overwriting it")
 
     rounds, steps_per_round = (4, 5) if options.quick else (8, 10)
+    num_seeds = options.num_seeds if options.num_seeds is not None else ([] if options.quick else [1, 3, 5])
     results = {"device": str(jax.devices()[0]), "matmul_gflops": matmul_gflops(), "scripts": {}}
     for name in options.scripts:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
@@ -281,17 +327,38 @@ def main():
         if not options.quick:
             figures["sps_hopper"] = end_to_end_sps(name)
             figures.update(buffer_peak_rss_gib(name))
-        figures["roofline_fraction"] = figures["flops_per_update"] * figures["updates_per_s"] / (results["matmul_gflops"] * 1e9)
+        if num_seeds:
+            figures["num_seeds"] = seeds_updates_per_s(name, num_seeds, rounds, steps_per_round)
+        figures["roofline_fraction"] = (
+            figures["flops_per_update"] * figures["updates_per_s"] / (results["matmul_gflops"] * 1e9)
+        )
         results["scripts"][name] = figures
 
-    columns = ["updates_per_s", "reference_updates_per_s", "speedup", "flops_per_update", "roofline_fraction", "compile_s"]
+    columns = [
+        "updates_per_s",
+        "reference_updates_per_s",
+        "speedup",
+        "flops_per_update",
+        "roofline_fraction",
+        "compile_s",
+    ]
     if not options.quick:
         columns += ["sps_hopper", "buffer_peak_rss_gib", "separate_storage_gib", "buffer_memory_ratio"]
     print(f"device {results['device']}, dense f32 matmul {results['matmul_gflops']:.1f} GFLOP/s")
     print(f"{'script':<22}" + "".join(f"{c:>24}" for c in columns))
     for name, figures in results["scripts"].items():
-        cells = "".join(f"{figures[c]:>24.3g}" if c != "flops_per_update" else f"{figures[c] / 1e9:>20.2f} GF" for c in columns)
+        cells = "".join(
+            f"{figures[c]:>24.3g}" if c != "flops_per_update" else f"{figures[c] / 1e9:>20.2f} GF" for c in columns
+        )
         print(f"{name:<22}{cells}")
+    if num_seeds:
+        print("\nvmapped seeds: total updates/s (ratio to N × the single-seed rate)")
+        for name, figures in results["scripts"].items():
+            cells = "".join(
+                f"   N={n}: {f['updates_per_s']:.2f} ({f['vs_n_single_seeds']:.2f}×)"
+                for n, f in figures["num_seeds"].items()
+            )
+            print(f"{name:<22}{cells}")
     if options.json:
         options.json.write_text(json.dumps(results, indent=2))
 
