@@ -121,6 +121,9 @@ class Args:
     """evaluate with A_0 = 0 too (fully deterministic); by default A_0 is still sampled"""
     log_every: int = 1_000
     """environment steps between logged losses"""
+    log_grad_norms: bool = False
+    """also log the actor loss's gradient norm w.r.t. each flow step's A_k (grad/actor_wrt_A_k<k>) and w.r.t. the
+    velocity network's parameters (grad/actor_params), from a second backward pass at every actor update"""
     console_every: int = 5_000
     """environment steps between console progress lines"""
     num_seeds: int = 1
@@ -315,6 +318,8 @@ class FlowPolicy(nn.Module):
 
     Takes the rollout's noise as input (A_0 and ε_0..ε_{K-1}), so a path is a deterministic function of it.
     Returns the path A_0..A_K (K+1, batch, d), σ (batch, d) and the Gaussian part of log π (batch,).
+    `action_perturbations` (K, batch, d), if given, is added to A_k before step k: the gradient w.r.t. a zero
+    perturbation is the gradient w.r.t. A_k (--log-grad-norms). None: no perturbation.
     """
 
     action_dim: int
@@ -338,7 +343,7 @@ class FlowPolicy(nn.Module):
         time_features = self.time_embedding(jnp.full((1, 1), t, jnp.float32))
         return self.velocity(state, action, jnp.broadcast_to(time_features, (action.shape[0], time_features.shape[-1])))
 
-    def __call__(self, obs, initial_noise, step_noise, train: bool):
+    def __call__(self, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
         state = self.state_norm(obs, train)
         if self.noise_std > 0:
             sigma = jnp.full_like(initial_noise, self.noise_std)
@@ -352,6 +357,8 @@ class FlowPolicy(nn.Module):
         path = [action]
         for k in range(self.flow_steps):
             t = k * dt
+            if action_perturbations is not None:
+                action = action + action_perturbations[k]
             velocity = self.velocity_at(state, action, t)
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
@@ -508,9 +515,17 @@ def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
         critic_updates=jnp.zeros((), jnp.int32),
         # Separate arrays: the train step donates the state, and one buffer cannot be donated twice.
         actor_metrics={
-            name: jnp.zeros((), jnp.float32) for name in ("losses/actor_loss", "losses/alpha_loss", "losses/entropy")
+            name: jnp.zeros((), jnp.float32)
+            for name in ("losses/actor_loss", "losses/alpha_loss", "losses/entropy", *grad_norm_keys(args))
         },
     )
+
+
+def grad_norm_keys(args: Args) -> list[str]:
+    """The metrics that --log-grad-norms adds to the actor's: one per flow step k = 0..K−1, and the parameters'."""
+    if not args.log_grad_norms:
+        return []
+    return [f"grad/actor_wrt_A_k{k}" for k in range(args.flow_steps)] + ["grad/actor_params"]
 
 
 def td_target(rewards, terminations, next_q_min, next_log_prob, alpha, gamma: float):
@@ -540,24 +555,32 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
     action_bias = jnp.asarray(action_bias, jnp.float32)
     alpha_optimizer = optax.adam(args.q_lr, b1=args.adam_beta1)
 
-    def rollout(params, batch_stats, obs, initial_noise, step_noise, train: bool):
+    def rollout(params, batch_stats, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
         """The flow rollout and its squash: (action, log π(a|s), the policy's BatchRenorm statistics)."""
         variables = {"params": params, "batch_stats": batch_stats}
         if train:
             (path, _, log_prob), updates = policy.apply(
-                variables, obs, initial_noise, step_noise, train=True, mutable=["batch_stats"]
+                variables,
+                obs,
+                initial_noise,
+                step_noise,
+                train=True,
+                action_perturbations=action_perturbations,
+                mutable=["batch_stats"],
             )
             batch_stats = updates["batch_stats"]
         else:
-            path, _, log_prob = policy.apply(variables, obs, initial_noise, step_noise, train=False)
+            path, _, log_prob = policy.apply(
+                variables, obs, initial_noise, step_noise, train=False, action_perturbations=action_perturbations
+            )
         action, log_det = squash(path[-1], action_scale, action_bias)
         return action, log_prob - log_det, batch_stats
 
-    def sample_actions(params, batch_stats, obs, key, train: bool):
+    def sample_actions(params, batch_stats, obs, key, train: bool, action_perturbations=None):
         initial_key, step_key = jax.random.split(key)
         initial_noise = jax.random.normal(initial_key, (obs.shape[0], action_dim))
         step_noise = jax.random.normal(step_key, (args.flow_steps, obs.shape[0], action_dim))
-        return rollout(params, batch_stats, obs, initial_noise, step_noise, train)
+        return rollout(params, batch_stats, obs, initial_noise, step_noise, train, action_perturbations)
 
     def critic_values(params, batch_stats, obs, action, train: bool):
         """Q_i(s, a) of both ensemble members, shape (2, batch), and their (updated) statistics."""
@@ -598,8 +621,41 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         critic = agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
         return critic, {"losses/qf_loss": qf_loss, "losses/qf_values": q_mean}
 
+    def actor_gradient_norms(params, batch_stats, critic, obs, key, alpha):
+        """--log-grad-norms: the size of the actor loss's gradient as it flows back through the K flow steps.
+
+        grad/actor_wrt_A_k<k> = mean_i ‖∂ℓ_i/∂A_k^(i)‖₂, k = 0..K−1, where ℓ_i = α log π_i − min_j Q_j(s_i, a_i) is
+        sample i's actor loss and the later noises ε_k..ε_{K−1} are held fixed: the gradient that backpropagation
+        carries back to step k (through a residual RNN it can grow as k falls). It is the gradient of Σ_i ℓ_i w.r.t.
+        zero perturbations δ_k added to A_k; rows do not interact through A (the policy's BatchRenorm sees only s),
+        so row i of ∂Σℓ/∂δ_k is ∂ℓ_i/∂A_k^(i).
+        grad/actor_params = ‖∂L_π/∂θ_v‖₂, the global L2 norm over the velocity network's parameters, L_π = mean_i ℓ_i.
+        A separate pass (same parameters, noise and batch as the update), so the update is computed as without it.
+        """
+        batch_size = obs.shape[0]
+
+        def summed_actor_loss(params, action_perturbations):
+            actions, log_prob, _ = sample_actions(
+                params, batch_stats, obs, key, train=True, action_perturbations=action_perturbations
+            )
+            q, _ = critic_values(critic.params, critic.batch_stats, obs, actions, train=False)
+            return jnp.sum(alpha * log_prob - q.min(axis=0))
+
+        zero_perturbations = jnp.zeros((args.flow_steps, batch_size, action_dim), jnp.float32)
+        param_grads, action_grads = jax.grad(summed_actor_loss, argnums=(0, 1))(params, zero_perturbations)
+        per_step_norms = jnp.linalg.norm(action_grads, axis=-1).mean(axis=1)  # (K,)
+        metrics = {f"grad/actor_wrt_A_k{k}": per_step_norms[k] for k in range(args.flow_steps)}
+        metrics["grad/actor_params"] = optax.global_norm(param_grads["velocity"]) / batch_size
+        return metrics
+
     def update_actor_and_alpha(policy_state, log_alpha, alpha_opt_state, critic, obs, key):
         alpha = jnp.exp(log_alpha)
+        # A Python branch: without the flag nothing of the diagnostic is traced or compiled.
+        grad_metrics = (
+            actor_gradient_norms(policy_state.params, policy_state.batch_stats, critic, obs, key, alpha)
+            if args.log_grad_norms
+            else {}
+        )
 
         def actor_loss_fn(params):
             actions, log_prob, batch_stats = sample_actions(params, policy_state.batch_stats, obs, key, train=True)
@@ -618,6 +674,7 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
             "losses/actor_loss": actor_loss,
             "losses/alpha_loss": alpha_loss_value,
             "losses/entropy": -log_prob.mean(),
+            **grad_metrics,
         }
         return policy_state, log_alpha, alpha_opt_state, metrics
 
