@@ -62,6 +62,15 @@ Design choices:
   not updated in the BC phase, where no actor term reacts to it; and the run refuses a target above the largest
   reachable entropy (where alpha would grow without bound). losses/alpha and losses/entropy are logged.
 
+Reliability: the same seed and flags give the same metrics.csv rows on CPU (charts/updates_per_s and charts/SPS aside).
+Offline updates and then online environment steps count as one global step (online step i is offline_steps + i).
+--checkpoint-every N writes runs/<run_name>/checkpoint.flax (atomically) every N global steps: the agent state
+(parameters, optimiser states, alpha), the RNG key, the step counters and the online transitions of the replay buffer
+(the dataset is reloaded from --dataset-dir). --resume runs/<run_name> continues that run from it, into the same
+directory. A resumed run starts a new environment episode (an environment cannot be checkpointed): it is reproducible
+from its checkpoint, but not bitwise equal to an uninterrupted run unless the checkpoint is in the offline phase.
+A non-finite loss or parameter stops the run at once with one line naming it and the step.
+
 Example:
     python offline_to_online/make_dataset.py --env-name cube-triple-play-v0
     python offline_to_online/sac_flow_naive.py --env-name cube-triple-play-singletask-task4-v0 --alpha 100
@@ -109,6 +118,10 @@ class Args:
     """the wandb entity (team)"""
     save_model: bool = False
     """save the final parameters to runs/<run_name>/<exp_name>.flax"""
+    checkpoint_every: int = 0
+    """write runs/<run_name>/checkpoint.flax every this many steps of metrics.csv's global_step (0: never)"""
+    resume: str | None = None
+    """continue runs/<run_name> from its checkpoint.flax with its saved args; flags given here win (--online-steps)"""
 
     env_name: str = "cube-triple-play-singletask-task4-v0"
     """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0)"""
@@ -132,7 +145,7 @@ class Args:
     log_interval: int = 5000
     """log losses and speed every this many steps"""
     offline_scan_length: int = 1000
-    """offline updates per jitted call (jax.lax.scan), clipped to the steps left before the next log/eval/phase"""
+    """offline updates per jitted call (jax.lax.scan), cut short at the next log, eval, checkpoint or phase change"""
     bc_fraction: float = 0.5
     """share of the offline steps that are flow-matching BC (+ TD) only; the rest are action-regularised SAC"""
     interleave_offline_updates: bool = False
@@ -175,11 +188,14 @@ class Args:
 class RunLogger:
     """Appends every metric to runs/<run_name>/metrics.csv and, with --track, sends it to wandb."""
 
-    def __init__(self, run_dir: str, use_wandb: bool):
+    def __init__(self, run_dir: str, use_wandb: bool, append: bool = False):
         self.use_wandb = use_wandb
-        self.file = open(os.path.join(run_dir, "metrics.csv"), "w", newline="")
+        # A resumed run appends to the rows kept from before its checkpoint.
+        self.file = open(os.path.join(run_dir, "metrics.csv"), "a" if append else "w", newline="")
         self.writer = csv.writer(self.file)
-        self.writer.writerow(["global_step", "key", "value"])
+        if not append:
+            self.writer.writerow(["global_step", "key", "value"])
+            self.file.flush()
 
     def log(self, global_step: int, metrics: dict):
         for key, value in metrics.items():
@@ -544,9 +560,12 @@ def make_agent(args: Args, obs_dim: int, action_dim: int) -> tuple[SACFlow, Agen
     critic_key, policy_key = jax.random.split(jax.random.key(args.seed))
     obs = jnp.zeros((1, obs_dim), jnp.float32)
     chunk = jnp.zeros((1, chunk_dim), jnp.float32)
+    # Jitted: one compiled call each, where eager initialisation compiles hundreds of small operations (seconds).
     params = {
-        "critic": agent.critic.init(critic_key, obs, chunk),
-        "policy": agent.policy.init(policy_key, obs, chunk, jnp.zeros((args.flow_steps, 1, chunk_dim), jnp.float32)),
+        "critic": jax.jit(agent.critic.init)(critic_key, obs, chunk),
+        "policy": jax.jit(agent.policy.init)(
+            policy_key, obs, chunk, jnp.zeros((args.flow_steps, 1, chunk_dim), jnp.float32)
+        ),
     }
     log_alpha = jnp.asarray(math.log(args.init_alpha), jnp.float32)
     # The target starts as a copy (not the same buffers: the jitted updates donate their inputs).
@@ -684,23 +703,35 @@ def sac_update(agent: SACFlow, state: AgentState, batch: dict, key, beta: float)
     return state.replace(log_alpha=log_alpha, alpha_opt_state=alpha_opt_state), metrics
 
 
+def is_finite(metrics: dict, state: AgentState):
+    """The divergence check, one boolean: every loss and every parameter (target critic and log alpha included) is
+    finite."""
+    leaves = jax.tree.leaves((metrics, state.params, state.target_critic_params, state.log_alpha))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
 def offline_updates(agent: SACFlow, state: AgentState, buffer: dict, buffer_size, key, num_updates: int, phase: str):
     """`num_updates` offline updates in one jax.lax.scan; phase "bc", "sac" or "interleaved" (a BC then a SAC update
-    on each batch). Returns the new state and the metrics averaged over the block."""
+    on each batch). Returns the new state, the metrics of every update and the number of updates before the first
+    non-finite one (num_updates if none); the state stays as that update left it, for inspection."""
 
-    def body(state, step_key):
+    def body(carry, step_key):
+        state, finite_so_far = carry
         batch_key, bc_key, sac_key = jax.random.split(step_key, 3)
         batch = sample_chunk_batch(buffer, buffer_size, batch_key, agent.batch_size, agent.horizon_length)
         metrics = {}
+        new_state = state
         if phase in ("bc", "interleaved"):
-            state, metrics = bc_update(agent, state, batch, bc_key)
+            new_state, metrics = bc_update(agent, new_state, batch, bc_key)
         if phase in ("sac", "interleaved"):
-            state, sac_metrics = sac_update(agent, state, batch, sac_key, agent.offline_beta)
+            new_state, sac_metrics = sac_update(agent, new_state, batch, sac_key, agent.offline_beta)
             metrics = {**metrics, **sac_metrics}
-        return state, metrics
+        state = jax.tree.map(lambda new, old: jnp.where(finite_so_far, new, old), new_state, state)
+        finite = finite_so_far & is_finite(metrics, new_state)
+        return (state, finite), (metrics, finite)
 
-    state, metrics = jax.lax.scan(body, state, jax.random.split(key, num_updates))
-    return state, jax.tree.map(jnp.mean, metrics)
+    (state, _), (metrics, finite) = jax.lax.scan(body, (state, jnp.bool_(True)), jax.random.split(key, num_updates))
+    return state, metrics, jnp.sum(finite)
 
 
 def online_collect(agent: SACFlow, state: AgentState, buffer: dict, position, transition: dict, observation, key):
@@ -710,19 +741,24 @@ def online_collect(agent: SACFlow, state: AgentState, buffer: dict, position, tr
 
 
 def online_step(agent: SACFlow, state: AgentState, buffer: dict, position, transition: dict, observation, key):
-    """Store the transition at row `position`, make one SAC update on the buffer, propose a chunk for `observation`."""
+    """Store the transition at row `position`, make one SAC update on the buffer, propose a chunk for `observation`.
+    Also returns the divergence check of the update."""
     batch_key, update_key, act_key = jax.random.split(key, 3)
     buffer = add_transition(buffer, position, transition)
     batch = sample_chunk_batch(buffer, position + 1, batch_key, agent.batch_size, agent.horizon_length)
     state, metrics = sac_update(agent, state, batch, update_key, agent.online_beta)
-    return state, buffer, metrics, acting_chunks(agent, state.params, observation[None], act_key)[0]
+    finite = is_finite(metrics, state)
+    return state, buffer, metrics, finite, acting_chunks(agent, state.params, observation[None], act_key)[0]
 
 
 def evaluate(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_length: int, action_dim: int):
-    """Mean success (OGBench's info['success'] at the episode's end) and mean return; chunks run open-loop."""
+    """Mean success (OGBench's info['success'] at the episode's end) and mean return; chunks run open-loop.
+    The key also seeds the environment, so the result depends only on the parameters and the key."""
+    seed_key, key = jax.random.split(key)
+    seed = int(jax.random.randint(seed_key, (), 0, 2**31 - 1))
     successes, returns = [], []
     for episode in range(num_episodes):
-        observation, _ = env.reset()
+        observation, _ = env.reset(seed=seed if episode == 0 else None)
         episode_return, done, queue = 0.0, False, []
         while not done:
             if not queue:
@@ -743,6 +779,127 @@ def format_eta(seconds: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Checkpoints, resume and divergence
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: str, checkpoint: dict):
+    """Writes runs/<run_name>/checkpoint.flax atomically: a crash while writing leaves the previous one intact."""
+    path = os.path.join(run_dir, "checkpoint.flax")
+    with open(path + ".tmp", "wb") as f:
+        f.write(flax.serialization.to_bytes(checkpoint))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def read_run_to_resume(run_dir: str) -> tuple[dict, dict]:
+    """The saved args and the checkpoint (nested dicts of NumPy arrays) of a run of this script, or a one-line error."""
+    script = os.path.basename(__file__)
+    args_path = os.path.join(run_dir, "args.json")
+    path = os.path.join(run_dir, "checkpoint.flax")
+    for name in ("args.json", "metrics.csv"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise SystemExit(f"error: {run_dir} is not a run directory (no {name})")
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {run_dir} has no checkpoint.flax to resume from (run with --checkpoint-every N)")
+    try:
+        with open(path, "rb") as f:
+            checkpoint = flax.serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001  (msgpack and flax raise many kinds of errors for a damaged file)
+        raise SystemExit(f"error: cannot read {path}: {e}")
+    if not isinstance(checkpoint, dict) or "script" not in checkpoint:
+        raise SystemExit(f"error: cannot read {path}: it is not a checkpoint")
+    if checkpoint["script"] != script:
+        raise SystemExit(f"error: {run_dir} is a run of {checkpoint['script']}, not {script}")
+    # A from-scratch script of the same name writes other checkpoints.
+    if not {"step", "offline_step", "online_step", "wandb_run_id", "agent"} <= checkpoint.keys():
+        raise SystemExit(f"error: {run_dir} is not a run of offline_to_online/{script}")
+    try:
+        with open(args_path) as f:
+            saved_args = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read {args_path}: {e}")
+    if not isinstance(saved_args, dict) or saved_args.keys() != {field.name for field in dataclasses.fields(Args)}:
+        raise SystemExit(f"error: {args_path} does not hold the args of {script}")
+    # JSON has no tuples: the hidden layer sizes come back as lists.
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in saved_args.items()}, checkpoint
+
+
+def restore_agent(checkpoint: dict, state: AgentState, buffer: dict, dataset_size: int, path: str):
+    """The agent state, RNG key and replay buffer of a checkpoint, restored into the freshly built `state` and `buffer`
+    (whose first dataset_size rows hold the reloaded dataset; the saved online transitions go after them)."""
+    online_rows = checkpoint["online_step"]
+    target = {
+        "state": state,
+        "rng_key": jax.random.key_data(jax.random.key(0)),
+        "online_replay": {
+            name: jax.ShapeDtypeStruct((online_rows, *column.shape[1:]), column.dtype)
+            for name, column in buffer.items()
+        },
+    }
+    try:
+        restored = flax.serialization.from_state_dict(target, checkpoint["agent"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: cannot read {path}: {e}")
+    if [(x.shape, x.dtype) for x in jax.tree.leaves(restored)] != [(x.shape, x.dtype) for x in jax.tree.leaves(target)]:
+        raise SystemExit(f"error: cannot read {path}: its arrays do not fit the networks of these args")
+    buffer = {
+        name: column.at[dataset_size : dataset_size + online_rows].set(restored["online_replay"][name])
+        for name, column in buffer.items()
+    }
+    if online_rows > 0:
+        # The resumed run starts a new episode: the saved one ends here, so no chunk runs across the cut.
+        buffer["terminals"] = buffer["terminals"].at[dataset_size + online_rows - 1].set(1.0)
+    state = jax.tree.map(jnp.asarray, restored["state"])
+    return state, jax.random.wrap_key_data(restored["rng_key"]), buffer
+
+
+def truncate_metrics(run_dir: str, step: int) -> int:
+    """Keeps the rows of metrics.csv up to `step`, those written before the checkpoint at `step` (rows come in step
+    order, labelled with the steps completed); returns how many later rows it dropped (a row cut short included)."""
+    path = os.path.join(run_dir, "metrics.csv")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    kept = 0
+    while kept < len(rows) and len(rows[kept]) == 3 and int(rows[kept][0]) <= step:
+        kept += 1
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows([["global_step", "key", "value"], *rows[:kept]])
+    os.replace(path + ".tmp", path)
+    return len(rows) - kept
+
+
+def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
+    """Names what failed the divergence check: the non-finite losses with their values, else the parameter groups."""
+    losses = [f"{key}={float(value)}" for key, value in metrics.items() if not np.isfinite(float(value))]
+    groups = {
+        "critic parameters": state.params["critic"],
+        "policy parameters": state.params["policy"],
+        "target critic parameters": state.target_critic_params,
+        "log alpha": state.log_alpha,
+    }
+    nonfinite_groups = [
+        name for name, tree in groups.items() if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(tree))
+    ]
+    return ", ".join(losses or nonfinite_groups)
+
+
+def stop_on_divergence(run_dir: str, step: int, metrics: dict, state: AgentState, checkpoint_step: int | None):
+    """Saves the state to runs/<run_name>/nonfinite_state.flax for inspection and ends the run with one line naming the
+    non-finite quantity, the step and the last checkpoint (only ever written from a finite state)."""
+    path = os.path.join(run_dir, "nonfinite_state.flax")
+    with open(path, "wb") as f:
+        f.write(flax.serialization.to_bytes(state))
+    if checkpoint_step is None:
+        checkpoint = "no checkpoint was written (use --checkpoint-every N)"
+    else:
+        checkpoint = f"last finite checkpoint: {os.path.join(run_dir, 'checkpoint.flax')} (step {checkpoint_step})"
+    quantity = nonfinite_quantity(metrics, state)
+    raise SystemExit(f"error: non-finite {quantity} at step {step}; state saved to {path}; {checkpoint}")
+
+
+# ----------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------
 
@@ -760,7 +917,15 @@ def check_args(args: Args):
     ):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("offline_steps", "online_steps", "online_learning_starts", "eval_episodes", "alpha", "noise_std"):
+    for name in (
+        "offline_steps",
+        "online_steps",
+        "online_learning_starts",
+        "eval_episodes",
+        "checkpoint_every",
+        "alpha",
+        "noise_std",
+    ):
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.online_alpha is not None and args.online_alpha < 0:
@@ -779,14 +944,35 @@ def check_args(args: Args):
 
 def main():
     args = tyro.cli(Args)
+    checkpoint = None
+    if args.resume is not None:
+        saved_args, checkpoint = read_run_to_resume(args.resume)
+        # The saved args become the defaults of a second parse, so the flags given on this command line win.
+        args = tyro.cli(Args, default=Args(**{**saved_args, "resume": args.resume}))
     check_args(args)
     env_id, dataset_name = split_ogbench_name(args.env_name)
     if env_id not in gym.envs.registry:
         raise SystemExit(f"error: unknown OGBench environment {env_id} (from --env-name {args.env_name})")
-    run_name = f"{args.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    if os.path.exists(run_dir):
-        raise SystemExit(f"error: run directory {run_dir} already exists")
+    if checkpoint is None:
+        run_name = f"{args.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join("runs", run_name)
+        if os.path.exists(run_dir):
+            raise SystemExit(f"error: run directory {run_dir} already exists")
+        start_offline, start_online = 0, 0
+    else:
+        run_dir = os.path.normpath(args.resume)
+        run_name = os.path.basename(run_dir)
+        start_offline, start_online = checkpoint["offline_step"], checkpoint["online_step"]
+        # The online phase cannot start again: once it has begun, the offline step count is fixed.
+        if (
+            start_offline > args.offline_steps
+            or start_online > args.online_steps
+            or (start_online > 0 and start_offline != args.offline_steps)
+        ):
+            raise SystemExit(
+                f"error: the checkpoint of {run_dir} is at offline step {start_offline}, online step {start_online}: "
+                f"it cannot continue with --offline-steps {args.offline_steps} --online-steps {args.online_steps}"
+            )
 
     dataset_dir = os.path.expanduser(args.dataset_dir if args.dataset_dir is not None else "~/.ogbench/data")
     dataset_path = os.path.join(dataset_dir, f"{dataset_name}.npz")
@@ -799,8 +985,9 @@ def main():
     os.environ.setdefault("MUJOCO_GL", "disable")
     warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
     env_kwargs = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
-    env = gym.make(env_id, **env_kwargs)
-    eval_env = gym.make(env_id, **env_kwargs)
+    # Without the environment checker, which only builds the MuJoCo model once more (about a second each).
+    env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
+    eval_env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
     if not (np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)):
         raise SystemExit(f"error: {env_id} has action bounds other than [-1, 1], which the tanh squash assumes")
     action_dim = env.action_space.shape[0]
@@ -823,19 +1010,34 @@ def main():
             f"or --horizon-length {args.horizon_length}"
         )
 
-    os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    if args.track:
-        wandb.init(
-            project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, config=vars(args), dir=run_dir
-        )
-    logger = RunLogger(run_dir, args.track)
-    print(f"run {run_name}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}", flush=True)
-
     agent, state = make_agent(args, env.observation_space.shape[0], action_dim)
     buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
     del dataset
+    key = jax.random.key(args.seed)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.flax")
+    if checkpoint is None:
+        os.makedirs(run_dir)
+        last_checkpoint_step, wandb_run_id = None, None
+    else:
+        state, key, buffer = restore_agent(checkpoint, state, buffer, dataset_size, checkpoint_path)
+        last_checkpoint_step, wandb_run_id = checkpoint["step"], checkpoint["wandb_run_id"]
+        dropped = truncate_metrics(run_dir, last_checkpoint_step)
+        print(f"resuming from step {last_checkpoint_step}: dropped {dropped} later rows of metrics.csv", flush=True)
+        del checkpoint
+    with open(os.path.join(run_dir, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=2)
+    if args.track:
+        wandb_run_id = wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            name=run_name,
+            config=vars(args),
+            dir=run_dir,
+            id=wandb_run_id,
+            resume="allow",
+        ).id
+    logger = RunLogger(run_dir, args.track, append=last_checkpoint_step is not None)
+    print(f"run {run_name}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}", flush=True)
 
     offline_block = jax.jit(
         functools.partial(offline_updates, agent), static_argnames=("num_updates", "phase"), donate_argnums=0
@@ -844,38 +1046,65 @@ def main():
     eval_act = jax.jit(functools.partial(evaluation_chunks, agent))
     collect = jax.jit(functools.partial(online_collect, agent), donate_argnums=1)
     learn = jax.jit(functools.partial(online_step, agent), donate_argnums=(0, 1))
-    key = jax.random.key(args.seed)
-    offline_key, online_key, eval_key = jax.random.split(key, 3)
-    eval_env.reset(seed=args.seed + 1)
+    # Every random draw comes from these keys folded with a step number, so a run can restart at any step.
+    offline_key, online_key, first_chunk_key, eval_key = jax.random.split(key, 4)
 
     def run_evaluation(global_step: int):
-        nonlocal eval_key
         if args.eval_episodes == 0:
             return
-        eval_key, this_key = jax.random.split(eval_key)
         success, episodic_return = evaluate(
-            eval_env, eval_act, state.params, this_key, args.eval_episodes, args.horizon_length, action_dim
+            eval_env,
+            eval_act,
+            state.params,
+            jax.random.fold_in(eval_key, global_step),
+            args.eval_episodes,
+            args.horizon_length,
+            action_dim,
         )
         logger.log(global_step, {"eval/success": success, "eval/episodic_return": episodic_return})
         print(f"eval at step {global_step}: success {success:.3f}, return {episodic_return:.1f}", flush=True)
 
+    def write_checkpoint(offline_done: int, online_done: int):
+        nonlocal last_checkpoint_step
+        save_checkpoint(
+            run_dir,
+            {
+                "script": os.path.basename(__file__),
+                "step": offline_done + online_done,
+                "offline_step": offline_done,
+                "online_step": online_done,
+                "wandb_run_id": wandb_run_id,
+                "agent": {
+                    "state": state,
+                    "rng_key": jax.random.key_data(key),
+                    "online_replay": {
+                        name: column[dataset_size : dataset_size + online_done] for name, column in buffer.items()
+                    },
+                },
+            },
+        )
+        last_checkpoint_step = offline_done + online_done
+
     # Offline phase: blocks of updates, each one jitted scan over batches sampled on the device; the first
     # bc_steps are BC, the rest action-regularised SAC (or both on every step with --interleave-offline-updates).
     bc_steps = 0 if args.interleave_offline_updates else round(args.bc_fraction * args.offline_steps)
-    step, window_start, window_steps = 0, time.time(), 0
+    step, window_start, window_steps = start_offline, time.time(), 0
     while step < args.offline_steps:
         next_stop = min(
             args.offline_steps,
             (step // args.log_interval + 1) * args.log_interval,
             (step // args.eval_interval + 1) * args.eval_interval,
             bc_steps if step < bc_steps else args.offline_steps,
+            (step // args.checkpoint_every + 1) * args.checkpoint_every
+            if args.checkpoint_every > 0
+            else args.offline_steps,
         )
         if args.interleave_offline_updates:
             phase = "interleaved"
         else:
             phase = "bc" if step < bc_steps else "sac"
         num_updates = min(args.offline_scan_length, next_stop - step)
-        state, metrics = offline_block(
+        state, block_metrics, finite_updates = offline_block(
             state,
             buffer,
             np.int32(dataset_size),
@@ -883,10 +1112,14 @@ def main():
             num_updates=num_updates,
             phase=phase,
         )
+        finite_updates = int(finite_updates)  # waits for the block
+        if finite_updates < num_updates:
+            failed = {name: values[finite_updates] for name, values in block_metrics.items()}
+            stop_on_divergence(run_dir, step + finite_updates + 1, failed, state, last_checkpoint_step)
         step += num_updates
         window_steps += num_updates
         if step % args.log_interval == 0 or step == args.offline_steps:
-            jax.block_until_ready(state)
+            metrics = {name: np.mean(values) for name, values in block_metrics.items()}
             rate = window_steps / (time.time() - window_start)
             logger.log(step, {**metrics, "charts/updates_per_s": rate})
             eta = format_eta((args.offline_steps - step) / rate)
@@ -899,18 +1132,20 @@ def main():
         if step % args.eval_interval == 0 or step == args.offline_steps:
             run_evaluation(step)
             window_start, window_steps = time.time(), 0
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            write_checkpoint(step, 0)
 
     # Online phase: the dataset is the start of the replay buffer; each env step appends one transition,
     # makes one update and proposes the chunk for the next observation (used when the previous one has run out).
-    observation, _ = env.reset(seed=args.seed)
-    queue = list(
-        np.asarray(act(state.params, np.asarray(observation, np.float32)[None], online_key)[0]).reshape(
-            args.horizon_length, action_dim
-        )
+    observation, _ = env.reset(seed=args.seed + start_online)
+    first_chunk = act(
+        state.params, np.asarray(observation, np.float32)[None], jax.random.fold_in(first_chunk_key, start_online)
     )
-    episode_return, episode_length, position = 0.0, 0, dataset_size
+    queue = list(np.asarray(first_chunk[0]).reshape(args.horizon_length, action_dim))
+    episode_return, episode_length, position = 0.0, 0, dataset_size + start_online
     window_start, window_steps, metrics = time.time(), 0, None
-    for online_step_index in range(1, args.online_steps + 1):
+    unchecked = []  # (global step, divergence check, metrics) of the updates whose check the host has not read yet
+    for online_step_index in range(start_online + 1, args.online_steps + 1):
         global_step = args.offline_steps + online_step_index
         action = queue.pop(0)
         next_observation, reward, terminated, truncated, info = env.step(action)
@@ -943,17 +1178,29 @@ def main():
         step_key = jax.random.fold_in(online_key, online_step_index)
         policy_observation = np.asarray(observation, np.float32)
         if online_step_index >= args.online_learning_starts:
-            state, buffer, metrics, chunk = learn(
+            state, buffer, metrics, finite, chunk = learn(
                 state, buffer, np.int32(position), transition, policy_observation, step_key
             )
+            unchecked.append((global_step, finite, metrics))
         else:
             buffer, chunk = collect(state, buffer, np.int32(position), transition, policy_observation, step_key)
         position += 1
-        if not queue:
-            queue = list(np.asarray(chunk).reshape(args.horizon_length, action_dim))
         window_steps += 1
 
-        if online_step_index % args.log_interval == 0 or online_step_index == args.online_steps:
+        last_step = online_step_index == args.online_steps
+        log_now = online_step_index % args.log_interval == 0 or last_step
+        eval_now = online_step_index % args.eval_interval == 0 or last_step
+        checkpoint_now = args.checkpoint_every > 0 and global_step % args.checkpoint_every == 0
+        # The divergence checks are read when the host waits for the device anyway (a new chunk, a log, an evaluation,
+        # a checkpoint): reading each one at once would keep the environment steps from overlapping the updates.
+        if not queue or log_now or eval_now or checkpoint_now:
+            for step_of_update, update_finite, update_metrics in unchecked:
+                if not update_finite:
+                    stop_on_divergence(run_dir, step_of_update, update_metrics, state, last_checkpoint_step)
+            unchecked = []
+        if not queue:
+            queue = list(np.asarray(chunk).reshape(args.horizon_length, action_dim))
+        if log_now:
             sps = window_steps / (time.time() - window_start)
             logger.log(global_step, {**(metrics if metrics is not None else {}), "charts/SPS": sps})
             eta = format_eta((args.online_steps - online_step_index) / sps)
@@ -962,9 +1209,11 @@ def main():
                 f"online step {online_step_index}/{args.online_steps}  SPS {sps:.1f}  ETA {eta}{alpha_text}", flush=True
             )
             window_start, window_steps = time.time(), 0
-        if online_step_index % args.eval_interval == 0 or online_step_index == args.online_steps:
+        if eval_now:
             run_evaluation(global_step)
             window_start, window_steps = time.time(), 0
+        if checkpoint_now:
+            write_checkpoint(args.offline_steps, online_step_index)
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
