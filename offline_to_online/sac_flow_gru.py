@@ -707,9 +707,7 @@ def apply_gradients(agent: SACFlow, state: AgentState, grads) -> AgentState:
 def bc_update(agent: SACFlow, state: AgentState, batch: dict, key):
     """Phase (a) update. alpha stays as it is: no actor term here reacts to it, so its loss would run away."""
     alpha = jnp.exp(state.log_alpha)
-    grads, metrics = jax.grad(bc_loss, has_aux=True)(
-        state.params, state.target_critic_params, agent, batch, alpha, key
-    )
+    grads, metrics = jax.grad(bc_loss, has_aux=True)(state.params, state.target_critic_params, agent, batch, alpha, key)
     return apply_gradients(agent, state, grads), {**metrics, "losses/alpha": alpha}
 
 

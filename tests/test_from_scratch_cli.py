@@ -35,7 +35,9 @@ def test_end_to_end_run_writes_the_local_log(script, tmp_path):
     }
     assert expected <= keys, expected - keys
     returns = [float(row["value"]) for row in rows if row["key"] == "charts/episodic_return"]
-    assert len(returns) >= 3 and all(math.isfinite(r) for r in returns)  # Hopper episodes under random actions are short
+    assert len(returns) >= 3 and all(
+        math.isfinite(r) for r in returns
+    )  # Hopper episodes under random actions are short
     steps = [int(row["global_step"]) for row in rows]
     assert steps == sorted(steps) and steps[-1] == 399
     assert "step 400/400" in result.stdout
