@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import sys
 
 import pytest
 from conftest import ALL_SCRIPTS, FROM_SCRATCH, load_script, run_script
@@ -60,16 +61,31 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("script", SCRIPTS)
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_is_one_line_and_nonzero_exit(script, case, tmp_path):
+def test_bad_input_is_one_line_error_before_anything_is_written(script, case, tmp_path, monkeypatch):
+    """main() stops with one `error:` line (the SystemExit message Python prints, exit status 1); in-process to
+    keep the suite fast, the shell's view is checked below."""
     flags, mentioned = BAD_INPUTS[case]
+    monkeypatch.chdir(tmp_path)
     # A home with no netrc and no key: the `--track` case must not find a login.
-    env = {"HOME": str(tmp_path), "WANDB_API_KEY": "", "WANDB_MODE": ""}
-    result = run_script(FROM_SCRATCH / f"{script}.py", *flags, cwd=tmp_path, env=env, timeout=120)
-    assert result.returncode != 0
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *flags])
+    with pytest.raises(SystemExit) as stopped:
+        load_script(script).main()
+    message = stopped.value.code
+    assert isinstance(message, str) and message.startswith("error:") and "\n" not in message
+    assert mentioned in message, message
+    assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bad_input_from_the_shell_is_one_line_and_exit_status_1(script, tmp_path):
+    result = run_script(FROM_SCRATCH / f"{script}.py", "--env-id", "NoSuchEnv-v9", cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error:") and mentioned in last_line, result.stderr[-2000:]
-    assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
+    assert last_line.startswith("error:") and "NoSuchEnv-v9" in last_line, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("env_id", ["Hopper-v4", "Hopper-v5", "Humanoid-v4", "Humanoid-v5"])

@@ -12,7 +12,7 @@ import time
 import flax
 import numpy as np
 import pytest
-from conftest import ALL_SCRIPTS, FROM_SCRATCH, run_script
+from conftest import FROM_SCRATCH, run_script
 
 SMALL_NETWORKS = {
     "sac": ["--actor-hidden", "32"],
@@ -139,7 +139,8 @@ def test_num_seeds_trains_each_seed_as_if_alone(tmp_path):
     np.testing.assert_allclose([v for _, _, v in first_updates], [v for _, _, v in expected], rtol=1e-5)
 
 
-@pytest.mark.parametrize("script", ALL_SCRIPTS)
+# Gaussian SAC and one flow script: the finiteness check is the same text in the three flow scripts.
+@pytest.mark.parametrize("script", ["sac", "sac_flow_transformer"])
 def test_divergence_stops_at_once_and_keeps_the_last_checkpoint(script, tmp_path):
     flags = tiny_flags(script, 300, "--q-lr", "1e12", "--policy-lr", "1e12", "--checkpoint-every", "50")
     result = run_script(FROM_SCRATCH / f"{script}.py", *flags, cwd=tmp_path)
