@@ -422,6 +422,20 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
     return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
 
 
+def over_seeds(function: Callable, num_seeds: int) -> Callable:
+    """`function` of one agent, applied along a leading axis of seeds: vmapped, or for a single seed called on
+    that seed directly (on a CPU, vmap's batched matmuls are much slower than plain ones, even for one seed).
+    Known cost: with the seed axis, XLA copies the donated 1M-slot buffer and the critic kernels once per call,
+    ~22 % of a CPU step (bench/speed.py); a one-seed state without the axis would avoid it."""
+    if num_seeds > 1:
+        return jax.vmap(function)
+
+    def single_seed(*inputs):
+        return jax.tree.map(lambda x: x[None], function(*jax.tree.map(lambda x: x[0], inputs)))
+
+    return single_seed
+
+
 class TrainFunctions(NamedTuple):
     train_step: Callable  # jitted, over seeds; once learning has started, the one call per environment step
     add_transition: Callable  # jitted, over seeds; stores a transition before learning starts
@@ -563,8 +577,8 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
 
     # The agent state and the transitions carry a leading axis of --num-seeds independent agents.
     return TrainFunctions(
-        train_step=jax.jit(jax.vmap(train_step), donate_argnums=0),
-        add_transition=jax.jit(jax.vmap(add_transition), donate_argnums=0),
+        train_step=jax.jit(over_seeds(train_step, args.num_seeds), donate_argnums=0),
+        add_transition=jax.jit(over_seeds(add_transition, args.num_seeds), donate_argnums=0),
         evaluation_action=jax.jit(evaluation_action),
         update_critic=update_critic,
         update_actor_and_alpha=update_actor_and_alpha,
