@@ -31,6 +31,7 @@ Example:
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import netrc
@@ -515,6 +516,7 @@ def over_seeds(function: Callable, num_seeds: int) -> Callable:
     if num_seeds > 1:
         return jax.vmap(function)
 
+    @functools.wraps(function)  # keeps its name in JAX's compile logs
     def single_seed(*inputs):
         return jax.tree.map(lambda x: x[None], function(*jax.tree.map(lambda x: x[0], inputs)))
 
