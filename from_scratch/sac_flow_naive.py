@@ -122,7 +122,7 @@ class Args:
     console_every: int = 5_000
     """environment steps between console progress lines"""
     num_seeds: int = 1
-    """train this many independent agents (seeds seed, seed+1, ...) in one process, one vmapped train step;
+    """train this many independent agents (seeds seed, seed+1, ...) in one process, one jitted train step;
     each seed writes its own runs/<run_name>/ (and, with --track, its own wandb run in one group)"""
     checkpoint_every: int = 0
     """environment steps between checkpoints (runs/<run_name>/checkpoint.flax, replay buffer included); 0: none"""
@@ -508,19 +508,19 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
     return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
 
 
-def over_seeds(function: Callable, num_seeds: int) -> Callable:
-    """`function` of one agent, applied along a leading axis of seeds: vmapped, or for a single seed called on
-    that seed directly (on a CPU, vmap's batched matmuls are much slower than plain ones, even for one seed).
-    Known cost: with the seed axis, XLA copies the donated 1M-slot buffer and the critic kernels once per call,
-    ~22 % of a CPU step (bench/speed.py); a one-seed state without the axis would avoid it."""
-    if num_seeds > 1:
-        return jax.vmap(function)
+def over_seeds(function: Callable) -> Callable:
+    """`function(agent, *inputs) -> (agent, outputs)` applied to each agent of a list, inside one jitted call;
+    the small per-step inputs and outputs carry a leading axis of seeds. A list of separate agents rather than
+    one vmapped state: on a CPU, vmap's batched matmuls are much slower than plain ones, and XLA copies a
+    stacked, donated 1M-slot buffer once per call (bench/speed.py measures both)."""
 
     @functools.wraps(function)  # keeps its name in JAX's compile logs
-    def single_seed(*inputs):
-        return jax.tree.map(lambda x: x[None], function(*jax.tree.map(lambda x: x[0], inputs)))
+    def each_seed(agents: list, *inputs):
+        results = [function(agent, *(x[i] for x in inputs)) for i, agent in enumerate(agents)]
+        stacked_outputs = jax.tree.map(lambda *per_seed: jnp.stack(per_seed), *[outputs for _, outputs in results])
+        return [agent for agent, _ in results], stacked_outputs
 
-    return single_seed
+    return each_seed
 
 
 class TrainFunctions(NamedTuple):
@@ -693,10 +693,11 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         finite = [jnp.isfinite(v) for v in metrics.values()]
         finite += [jnp.isfinite(x).all() for x in jax.tree.leaves((policy_state.params, critic.params))]
         all_finite = jnp.all(jnp.stack(finite))
-        return agent, next_action[0], metrics, all_finite
+        return agent, (next_action[0], metrics, all_finite)
 
     def add_transition(agent: AgentState, obs, action, reward, next_obs, terminated, episode_end):
-        return agent.replace(buffer=buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end))
+        buffer = buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end)
+        return agent.replace(buffer=buffer), None
 
     def evaluation_action(params, batch_stats, obs, key):
         """Deterministic action: ε = 0 at every flow step; A_0 sampled unless --eval-zero-initial-noise."""
@@ -707,10 +708,11 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         action, _, _ = rollout(params, batch_stats, obs[None], initial_noise, step_noise, train=False)
         return action[0]
 
-    # The agent state and the transitions carry a leading axis of --num-seeds independent agents.
+    # train_step and add_transition take a list of --num-seeds agents; their per-step inputs and outputs carry a
+    # leading axis of seeds. Donating the agents lets XLA update the replay buffer in place.
     return TrainFunctions(
-        train_step=jax.jit(over_seeds(train_step, args.num_seeds), donate_argnums=0),
-        add_transition=jax.jit(over_seeds(add_transition, args.num_seeds), donate_argnums=0),
+        train_step=jax.jit(over_seeds(train_step), donate_argnums=0),
+        add_transition=jax.jit(over_seeds(add_transition), donate_argnums=0),
         evaluation_action=jax.jit(evaluation_action),
         update_critic=update_critic,
         update_actor_and_alpha=update_actor_and_alpha,
@@ -762,11 +764,6 @@ def evaluate(env: gym.Env, evaluation_action, params, batch_stats, episodes: int
     return float(np.mean(returns))
 
 
-def seed_slice(tree, i: int):
-    """Seed i's part of a pytree whose arrays have a leading seed axis."""
-    return jax.tree.map(lambda x: x[i], tree)
-
-
 SCRIPT = os.path.basename(__file__)
 
 
@@ -815,7 +812,7 @@ def parse_args() -> tuple[Args, dict | None]:
 
 
 def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int) -> AgentState:
-    """The checkpoint's agent with a seed axis of 1; its interrupted episode ends (the environment starts anew)."""
+    """The checkpoint's agent, as a list of one seed; its interrupted episode ends (the environment starts anew)."""
     target = create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
     try:
         agent = flax.serialization.from_state_dict(target, checkpoint["agent"])
@@ -824,7 +821,7 @@ def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int) -
     if [np.shape(x) for x in jax.tree.leaves(agent)] != [np.shape(x) for x in jax.tree.leaves(target)]:
         raise SystemExit(f"error: {args.resume}/checkpoint.flax does not match these args (network or buffer sizes)")
     agent = agent.replace(buffer=buffer_end_episode(agent.buffer))
-    return jax.tree.map(lambda x: jnp.asarray(x)[None], agent)
+    return [jax.tree.map(jnp.asarray, agent)]
 
 
 def stop_on_divergence(run_dir: str, metrics: dict, agent: AgentState, global_step: int, checkpoint_step):
@@ -945,8 +942,7 @@ def main():
     keys = [jax.random.split(jax.random.PRNGKey(seed)) for seed in seeds]
     eval_keys = [eval_key for _, eval_key in keys]
     if checkpoint is None:
-        # One AgentState whose arrays have a leading axis of seeds: agent i is exactly that of seed i alone.
-        agents = jax.vmap(lambda key: create_agent(args, key, obs_dim, action_dim))(jnp.stack([k for k, _ in keys]))
+        agents = [create_agent(args, key, obs_dim, action_dim) for key, _ in keys]
     else:
         agents = restore_agent(args, checkpoint, obs_dim, action_dim)
     train_step, add_transition, evaluation_action, *_ = make_train_functions(
@@ -984,27 +980,27 @@ def main():
             jnp.asarray(episode_ends, jnp.bool_),
         )
         if global_step + 1 >= args.learning_starts:
-            agents, actions, metrics, all_finite = train_step(
+            agents, (actions, metrics, all_finite) = train_step(
                 agents, *transition, jnp.asarray(np.stack(policy_obs), jnp.float32)
             )
             actions = np.asarray(actions)
             if not np.all(all_finite):
                 i = int(np.argmin(all_finite))
                 metrics_i = {key: value[i] for key, value in jax.device_get(metrics).items()}
-                stop_on_divergence(run_dirs[i], metrics_i, seed_slice(agents, i), global_step, checkpoint_step)
+                stop_on_divergence(run_dirs[i], metrics_i, agents[i], global_step, checkpoint_step)
             if (global_step + 1) % args.log_every == 0:
                 metrics = jax.device_get(metrics)
                 for i, logger in enumerate(loggers):
                     logger.log(global_step, {key: value[i] for key, value in metrics.items()})
         else:
-            agents = add_transition(agents, *transition)
+            agents, _ = add_transition(agents, *transition)
             actions = np.stack([env.action_space.sample() for env in envs])
         obs = np.stack(policy_obs)
 
         step = global_step + 1
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             for i, run_dir in enumerate(run_dirs):
-                save_checkpoint(run_dir, seed_slice(agents, i), step, wandb_ids[i])
+                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
             checkpoint_step = step
         if step % args.console_every == 0 or step == args.total_timesteps:
             now = time.time()
@@ -1022,7 +1018,7 @@ def main():
             eval_start = time.time()
             eval_returns = []
             for i, (eval_env, logger) in enumerate(zip(eval_envs, loggers)):
-                policy = seed_slice(agents.policy, i)
+                policy = agents[i].policy
                 key = jax.random.fold_in(eval_keys[i], step)  # the same key at this step, resumed or not
                 eval_returns.append(
                     evaluate(eval_env, evaluation_action, policy.params, policy.batch_stats, args.eval_episodes, key)
@@ -1033,7 +1029,7 @@ def main():
             window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
 
     for i, run_dir in enumerate(run_dirs):
-        agent = seed_slice(agents, i)
+        agent = agents[i]
         if args.save_model:
             model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
             with open(model_path, "wb") as f:

@@ -105,8 +105,8 @@ def test_train_step_entropy_and_default_target_entropy():
     action_scale = np.full(ACTION_DIM, 100.0, np.float32)
     train_step = sac.make_train_functions(args, ACTION_DIM, action_scale, np.zeros(ACTION_DIM, np.float32)).train_step
     transition = (obs, action, jnp.float32(1), next_obs, jnp.float32(0), jnp.bool_(False), next_obs)
-    one_seed = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], (agent, *transition))  # a seed axis of 1
-    _, _, metrics, _ = train_step(*one_seed)
+    one_seed = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], transition)  # a seed axis of 1
+    _, (_, metrics, _) = train_step([agent], *one_seed)
     metrics = {key: value[0] for key, value in metrics.items()}
 
     entropy = float(metrics["losses/entropy"])

@@ -204,26 +204,26 @@ def test_train_step_compiles_once_and_learns_something(script):
             jnp.bool_(step % 5 == 0),
         )
 
-    def one_seed(tree):  # the train step runs over a leading axis of seeds
+    def one_seed(tree):  # the per-step inputs carry a leading axis of seeds
         return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
 
-    agent = one_seed(agent)
+    agents = [agent]
     for step in range(10):
-        agent = add_transition(agent, *one_seed(transition(step)))
-    first_policy = jax.tree_util.tree_map(np.asarray, agent.policy.params)
+        agents, _ = add_transition(agents, *one_seed(transition(step)))
+    first_policy = jax.tree_util.tree_map(np.asarray, agents[0].policy.params)
     for step in range(7):
-        agent, action, metrics, all_finite = train_step(
-            agent, *one_seed(transition(step)), jnp.zeros((1, obs_dim), jnp.float32)
+        agents, (action, metrics, all_finite) = train_step(
+            agents, *one_seed(transition(step)), jnp.zeros((1, obs_dim), jnp.float32)
         )
         assert bool(all_finite[0]) and action.shape == (1, action_dim)
-        policy = module.seed_slice(agent.policy, 0)
+        policy = agents[0].policy
         evaluation_action(policy.params, policy.batch_stats, jnp.zeros(obs_dim, jnp.float32), jax.random.PRNGKey(step))
     assert train_step._cache_size() == 1
     assert add_transition._cache_size() == 1
     assert evaluation_action._cache_size() == 1
-    assert int(agent.critic_updates[0]) == 7
+    assert int(agents[0].critic_updates) == 7
     moved = jax.tree_util.tree_map(
-        lambda a, b: not np.allclose(a, b), first_policy, jax.tree_util.tree_map(np.asarray, agent.policy.params)
+        lambda a, b: not np.allclose(a, b), first_policy, jax.tree_util.tree_map(np.asarray, agents[0].policy.params)
     )
     assert any(jax.tree_util.tree_leaves(moved))
     assert float(metrics["losses/alpha"][0]) != 0.2  # autotune moved α
