@@ -2,8 +2,10 @@
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,13 +26,36 @@ def load_script(name: str, folder: Path = FROM_SCRATCH):
     return module
 
 
+# The scripts the tests run compile at LLVM's lowest optimisation level (it halves compilation, most of a short run)
+# into one persistent compilation cache for the session, so a program that an earlier run compiled loads at once.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="sac-flow-tests-xla-cache-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_compilation_cache():
+    yield
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+
+
+def script_environment(env: dict | None = None) -> dict:
+    """The environment of a script run by a test: CPU, the shared compilation cache, then `env`."""
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+        "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        **(env or {}),
+    }
+
+
 def run_script(script: Path, *flags: str, cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run a script as a user would, in `cwd`; returns the CompletedProcess with text output."""
-    environment = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     return subprocess.run(
         [sys.executable, str(script), *flags],
         cwd=cwd,
-        env=environment,
+        env=script_environment(env),
         capture_output=True,
         text=True,
         timeout=timeout,

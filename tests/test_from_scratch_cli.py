@@ -5,22 +5,49 @@ import json
 import math
 import sys
 
+import flax
+import jax
 import pytest
 from conftest import ALL_SCRIPTS, FROM_SCRATCH, load_script, run_script
 
 SCRIPTS = [name for name in ALL_SCRIPTS if (FROM_SCRATCH / f"{name}.py").exists()]
-SMOKE_FLAGS = ["--env-id", "Hopper-v4", "--total-timesteps", "400", "--learning-starts", "200", "--batch-size", "32"]
+SMOKE_FLAGS = [
+    *("--env-id", "Hopper-v4", "--total-timesteps", "400", "--learning-starts", "200", "--batch-size", "32"),
+    *("--eval-every", "400", "--eval-episodes", "1", "--log-every", "50", "--save-model"),
+    *("--critic-hidden", "64", "--buffer-size", "1000"),  # a quicker compile
+]
+# Small non-default policy sizes: a quicker compile, and the saved parameters show that the flags reached the networks.
+POLICY_FLAGS = {
+    "sac": ["--actor-hidden", "32"],
+    "sac_flow_naive": ["--velocity-hidden", "32", "--flow-steps", "2"],
+    "sac_flow_gru": ["--velocity-hidden", "64", "--flow-steps", "2"],
+    "sac_flow_transformer": ["--d-model", "32", "--n-heads", "2", "--n-layers", "1", "--flow-steps", "2"],
+}
+
+
+def assert_policy_sizes(script: str, policy_params: dict):
+    if script == "sac_flow_gru":
+        velocity = policy_params["velocity"]
+        assert velocity["gate_net"]["Dense_1"]["kernel"].shape == (64, 64)
+        assert velocity["candidate_net"]["Dense_1"]["kernel"].shape == (64, 64)
+    elif script == "sac_flow_transformer":
+        velocity = policy_params["velocity"]
+        assert {k for k in velocity if k.startswith("DecoderBlock")} == {"DecoderBlock_0"}
+        assert velocity["DecoderBlock_0"]["cross_attention"]["query"]["kernel"].shape == (32, 2, 16)
+    else:
+        kernels = [leaf.shape for leaf in jax.tree_util.tree_leaves(policy_params) if leaf.ndim == 2]
+        assert (32, 32) in kernels, kernels
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_end_to_end_run_writes_the_local_log(script, tmp_path):
-    flags = [*SMOKE_FLAGS, "--eval-every", "400", "--eval-episodes", "1", "--log-every", "50", "--save-model"]
-    result = run_script(FROM_SCRATCH / f"{script}.py", *flags, cwd=tmp_path)
+    result = run_script(FROM_SCRATCH / f"{script}.py", *SMOKE_FLAGS, *POLICY_FLAGS[script], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"Hopper-v4__{script}__1__")
     assert json.loads((run_dir / "args.json").read_text())["total_timesteps"] == 400
-    assert (run_dir / f"{script}.flax").stat().st_size > 0
+    saved = flax.serialization.msgpack_restore((run_dir / f"{script}.flax").read_bytes())
+    assert_policy_sizes(script, saved["policy"]["params"])
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     keys = {row["key"] for row in rows}

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import flax
 import pytest
-from conftest import OFFLINE_TO_ONLINE, load_script, run_script
+from conftest import OFFLINE_TO_ONLINE, load_script, run_script, script_environment
 
 SCRIPTS = ["qc_fql", "sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
 ENV_NAME = "cube-triple-play-singletask-task4-v0"
@@ -48,21 +48,9 @@ def script_path(script: str) -> str:
     return str(OFFLINE_TO_ONLINE / f"{script}.py")
 
 
-def run_environment(xla_cache) -> dict:
-    """Environment variables of the runs: LLVM's lowest optimisation level (halves compilation, most of these short
-    runs), a compilation cache they share, and wandb offline (for --track)."""
-    return {
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
-        "JAX_COMPILATION_CACHE_DIR": str(xla_cache),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-        "WANDB_MODE": "offline",
-    }
-
-
-def run(script: str, cwd, *flags: str, xla_cache):
-    """Runs a script with the tiny flags; flags given here win (a later flag wins with tyro)."""
-    return run_script(script_path(script), *TINY, *NETWORKS[script], *flags, cwd=cwd, env=run_environment(xla_cache))
+def run(script: str, cwd, *flags: str):
+    """Runs a script with the tiny flags, wandb offline (for --track); flags given here win (a later flag wins)."""
+    return run_script(script_path(script), *TINY, *NETWORKS[script], *flags, cwd=cwd, env={"WANDB_MODE": "offline"})
 
 
 def only_run_dir(cwd):
@@ -89,12 +77,7 @@ def assert_one_line_error(result, *fragments):
 
 
 @pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
-
-
-@pytest.fixture(scope="module")
-def runs(dataset_dir, tmp_path_factory, xla_cache):
+def runs(dataset_dir, tmp_path_factory):
     """For each script, in order: a run to the end (checkpoint at step 30), its twin with the same flags, the first one
     resumed from its checkpoint, and a run with --learning-rate 1e12: the twin resumed (DIVERGES_AFTER_RESUME) or a
     fresh one without checkpoints. Two scripts at a time."""
@@ -103,24 +86,24 @@ def runs(dataset_dir, tmp_path_factory, xla_cache):
         first_cwd, twin_cwd = tmp_path_factory.mktemp(f"{script}_first"), tmp_path_factory.mktemp(f"{script}_twin")
         record = {"first_cwd": first_cwd, "twin_cwd": twin_cwd}
         track = ["--track"] if script == TRACKED else []
-        record["first"] = run(script, first_cwd, "--dataset-dir", dataset_dir, *track, xla_cache=xla_cache)
-        record["twin"] = run(script, twin_cwd, "--dataset-dir", dataset_dir, xla_cache=xla_cache)
+        record["first"] = run(script, first_cwd, "--dataset-dir", dataset_dir, *track)
+        record["twin"] = run(script, twin_cwd, "--dataset-dir", dataset_dir)
         if record["first"].returncode != 0 or record["twin"].returncode != 0:
             return record
         first_dir, twin_dir = only_run_dir(first_cwd), only_run_dir(twin_cwd)
         record["first_dir"], record["twin_dir"] = first_dir, twin_dir
         record["first_rows"] = read_rows(first_cwd / first_dir / "metrics.csv")
         record["twin_rows"] = read_rows(twin_cwd / twin_dir / "metrics.csv")
-        record["resumed"] = run(script, first_cwd, "--resume", first_dir, *track, xla_cache=xla_cache)
+        record["resumed"] = run(script, first_cwd, "--resume", first_dir, *track)
         record["resumed_rows"] = read_rows(first_cwd / first_dir / "metrics.csv")
         if script in DIVERGES_AFTER_RESUME:
             record["twin_checkpoint"] = (twin_cwd / twin_dir / "checkpoint.flax").read_bytes()
             flags = ["--resume", twin_dir, "--learning-rate", "1e12"]
-            record["diverged"] = run(script, twin_cwd, *flags, xla_cache=xla_cache)
+            record["diverged"] = run(script, twin_cwd, *flags)
         else:
             record["diverged_cwd"] = tmp_path_factory.mktemp(f"{script}_diverged")
             flags = ["--dataset-dir", dataset_dir, "--learning-rate", "1e12", "--checkpoint-every", "0"]
-            record["diverged"] = run(script, record["diverged_cwd"], *flags, xla_cache=xla_cache)
+            record["diverged"] = run(script, record["diverged_cwd"], *flags)
         return record
 
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -179,13 +162,13 @@ def test_resume_continues_the_wandb_run(runs):
     assert len(run_ids) == 1, wandb_dirs
 
 
-def test_sigkill_then_resume_with_more_online_steps(dataset_dir, tmp_path, xla_cache):
+def test_sigkill_then_resume_with_more_online_steps(dataset_dir, tmp_path):
     """A long run killed with SIGKILL after a checkpoint resumes to a new --online-steps: it finishes there, the rows up
     to the checkpoint are kept as they were and the later ones are logged once. A half-written checkpoint.flax.tmp
     (a crash while writing) does not matter."""
     flags = [*TINY, *NETWORKS["qc_fql"], "--dataset-dir", dataset_dir, "--online-steps", "100000"]
     flags += ["--checkpoint-every", "25"]  # not a multiple of the log interval: rows after it are dropped
-    environment = {**os.environ, "JAX_PLATFORMS": "cpu", **run_environment(xla_cache)}
+    environment = script_environment({"WANDB_MODE": "offline"})
     with open(tmp_path / "stderr.txt", "w") as err:
         process = subprocess.Popen(
             [sys.executable, script_path("qc_fql"), *flags],
@@ -215,7 +198,7 @@ def test_sigkill_then_resume_with_more_online_steps(dataset_dir, tmp_path, xla_c
     rows_before = read_rows(tmp_path / run_dir / "metrics.csv")
 
     online_steps = online_step + 15
-    result = run("qc_fql", tmp_path, "--resume", run_dir, "--online-steps", str(online_steps), xla_cache=xla_cache)
+    result = run("qc_fql", tmp_path, "--resume", run_dir, "--online-steps", str(online_steps))
     assert result.returncode == 0, result.stderr[-3000:]
     kept = [row for row in rows_before if len(row) == 3 and int(row[0]) <= step]
     assert f"resuming from step {step}: dropped {len(rows_before) - len(kept)} later rows" in result.stdout
