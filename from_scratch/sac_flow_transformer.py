@@ -551,7 +551,7 @@ def over_seeds(function: Callable) -> Callable:
     """`function(agent, *inputs) -> (agent, outputs)` applied to each agent of a list, inside one jitted call;
     the small per-step inputs and outputs carry a leading axis of seeds. A list of separate agents rather than
     one vmapped state: on a CPU, vmap's batched matmuls are much slower than plain ones, and XLA copies a
-    stacked, donated 1M-slot buffer once per call (bench/speed.py measures both)."""
+    stacked, donated 1M-slot buffer once per call (the README's Speed section has the figures)."""
 
     @functools.wraps(function)  # keeps its name in JAX's compile logs
     def each_seed(agents: list, *inputs):
