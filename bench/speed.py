@@ -9,7 +9,8 @@ CrossQ critic, a 1M-slot buffer holding 100k transitions):
 - reference_updates_per_s: the same networks and losses run in the released code's structure: a NumPy
   replay buffer on the host storing observations and next observations, a host-to-device copy of each batch,
   and separately jitted critic update, target-critic average, actor+α update and action selection;
-- speedup: their ratio, measured in alternating rounds in this one process;
+- speedup: their ratio, measured in this one process in alternating rounds of whole actor cycles (policy_delay
+  calls each, one with the actor update), after a warm-up that leaves both at the start of a cycle;
 - flops_per_update: XLA's cost analysis of the compiled call, with the actor branch counted once every
   `policy_delay` calls (XLA counts both branches of the lax.cond);
 - matmul_gflops: the machine's dense float32 matmul rate, measured here; roofline_fraction =
@@ -25,6 +26,9 @@ CrossQ critic, a 1M-slot buffer holding 100k transitions):
   of N seeds in one call (--num-seeds N of the scripts); vs_one_seed, its ratio to the single-seed rate (the
   throughput gained by packing N seeds into one process), and vs_n_single_seeds, its ratio to N × the
   single-seed rate (1.0: N seeds cost no more than one).
+
+The process first calls the scripts' reuse_freed_memory(), as their main() does (glibc keeps the memory that XLA
+frees for the next call instead of page-faulting it in again); --default-malloc leaves it out, to show its effect.
 
     python bench/speed.py --quick --json speed.json
     python bench/speed.py --quick --scripts sac_flow_gru --num-seeds 1 3 5
@@ -75,21 +79,21 @@ def matmul_gflops(seconds: float = 3.0) -> float:
 
 
 def synthetic_agent(module, args, rng):
-    """A fresh agent whose buffer already holds FILLED random transitions."""
+    """A fresh agent whose buffer already holds FILLED random transitions, stored with the script's buffer_add."""
     agent = module.create_agent(args, jax.random.PRNGKey(0), OBS_DIM, ACTION_DIM)
-    buffer = agent.buffer
-    slots = buffer.observations.shape[0]
-    buffer = buffer.replace(
-        observations=buffer.observations.at[: FILLED + 1].set(rng.normal(size=(FILLED + 1, OBS_DIM))),
-        actions=buffer.actions.at[:FILLED].set(rng.uniform(-1, 1, size=(FILLED, ACTION_DIM))),
-        rewards=buffer.rewards.at[:FILLED].set(rng.normal(size=FILLED)),
-        is_transition=buffer.is_transition.at[:FILLED].set(True),
-        transition_slots=jnp.arange(slots, dtype=jnp.int32),
-        num_added=jnp.int32(FILLED),
-        num_valid=jnp.int32(FILLED),
-        position=jnp.int32(FILLED),
+    transitions = (
+        rng.normal(size=(FILLED, OBS_DIM)).astype(np.float32),
+        rng.uniform(-1, 1, size=(FILLED, ACTION_DIM)).astype(np.float32),
+        rng.normal(size=FILLED).astype(np.float32),
+        rng.normal(size=(FILLED, OBS_DIM)).astype(np.float32),
     )
-    return agent.replace(buffer=buffer)
+
+    def add(buffer, transition):
+        obs, action, reward, next_obs = transition
+        return module.buffer_add(buffer, obs, action, reward, next_obs, jnp.float32(0), jnp.bool_(False)), None
+
+    fill = jax.jit(lambda buffer, transitions: jax.lax.scan(add, buffer, transitions)[0], donate_argnums=0)
+    return agent.replace(buffer=fill(agent.buffer, transitions))
 
 
 def random_transition(rng):
@@ -194,7 +198,9 @@ def flops_per_update(module, args, fused: FusedRunner) -> float:
     return whole - actor * (1 - 1 / args.policy_delay)
 
 
-def measure_script(name: str, rounds: int, steps_per_round: int) -> dict:
+def measure_script(name: str, rounds: int, cycles_per_round: int) -> dict:
+    """The script's step against the reference, in alternating rounds of whole actor cycles (policy_delay calls,
+    one of them with the actor update), both starting at the same point of the cycle after a warm-up."""
     module = load_script(name)
     args = module.Args()
     rng = np.random.default_rng(0)
@@ -203,8 +209,12 @@ def measure_script(name: str, rounds: int, steps_per_round: int) -> dict:
     fused.step()
     compile_s = time.perf_counter() - start
     reference = ReferenceRunner(module, args, rng)
-    for _ in range(args.policy_delay):  # compile all the reference's functions
+    warmup = 2 * args.policy_delay  # compiles all the reference's functions; the first calls touch fresh memory
+    for _ in range(warmup - 1):
+        fused.step()
+    for _ in range(warmup):
         reference.step()
+    steps_per_round = cycles_per_round * args.policy_delay
     fused_time = reference_time = 0.0
     for _ in range(rounds):  # alternate, so both see the same machine load
         start = time.perf_counter()
@@ -225,15 +235,18 @@ def measure_script(name: str, rounds: int, steps_per_round: int) -> dict:
     }
 
 
-def seeds_updates_per_s(name: str, num_seeds: list[int], rounds: int, steps_per_round: int) -> dict:
+def seeds_updates_per_s(name: str, num_seeds: list[int], rounds: int, cycles_per_round: int) -> dict:
     """Total updates/s (seeds × calls/s) of the script's train step over N seeds (--num-seeds N), and its ratios
-    to the single-seed rate and to N × that rate; the N are measured in alternating rounds."""
+    to the single-seed rate and to N × that rate; the N are measured in alternating rounds of whole actor cycles."""
     module = load_script(name)
     rng = np.random.default_rng(0)
     runners = {n: FusedRunner(module, dataclasses.replace(module.Args(), num_seeds=n), rng) for n in num_seeds}
+    policy_delay = module.Args().policy_delay
     elapsed = dict.fromkeys(num_seeds, 0.0)
     for runner in runners.values():
-        runner.step()  # compile
+        for _ in range(2 * policy_delay):  # compile, warm up, and end at the start of an actor cycle
+            runner.step()
+    steps_per_round = cycles_per_round * policy_delay
     for _ in range(rounds):
         for n, runner in runners.items():
             start = time.perf_counter()
@@ -322,21 +335,33 @@ def main():
         nargs="*",
         help="also measure the train step vmapped over these numbers of seeds (default: 1 3 5 outside --quick)",
     )
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (the scripts call reuse_freed_memory() first; this shows what it gains)",
+    )
     options = parser.parse_args()
     if options.json and options.json.exists():
         raise SystemExit(f"error: {options.json} exists; not overwriting it")
 
-    rounds, steps_per_round = (4, 5) if options.quick else (8, 10)
+    if not options.default_malloc:
+        load_script(options.scripts[0]).reuse_freed_memory()  # what each script's main() does first
+    rounds, cycles_per_round = (6, 2) if options.quick else (10, 3)
     num_seeds = options.num_seeds if options.num_seeds is not None else ([] if options.quick else [1, 3, 5])
-    results = {"device": str(jax.devices()[0]), "matmul_gflops": matmul_gflops(), "scripts": {}}
+    results = {
+        "device": str(jax.devices()[0]),
+        "default_malloc": options.default_malloc,
+        "matmul_gflops": matmul_gflops(),
+        "scripts": {},
+    }
     for name in options.scripts:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        figures = measure_script(name, rounds, steps_per_round)
+        figures = measure_script(name, rounds, cycles_per_round)
         if not options.quick:
             figures["sps_hopper"] = end_to_end_sps(name)
             figures.update(buffer_peak_rss_gib(name))
         if num_seeds:
-            figures["num_seeds"] = seeds_updates_per_s(name, num_seeds, rounds, steps_per_round)
+            figures["num_seeds"] = seeds_updates_per_s(name, num_seeds, rounds, cycles_per_round)
         figures["roofline_fraction"] = (
             figures["flops_per_update"] * figures["updates_per_s"] / (results["matmul_gflops"] * 1e9)
         )

@@ -40,6 +40,7 @@ Example:
 """
 
 import csv
+import ctypes
 import dataclasses
 import functools
 import json
@@ -391,51 +392,48 @@ def squash(pre_tanh_action, action_scale, action_bias):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Replay buffer on the device. One observation array: a transition at slot i has its next observation at
-# slot i + 1. When an episode ends, slot i + 1 keeps the final observation (not a transition itself) and
-# the next episode starts at slot i + 2. This halves the memory of storing next observations separately.
+# Replay buffer on the device. Slot i holds one row: an observation, then the action, reward and termination
+# flag of the transition that starts from it; the transition's next observation is the observation of slot
+# i + 1. When an episode ends, slot i + 1 keeps the final observation (the rest of its row is unused) and the
+# next episode starts at slot i + 2. Each observation is stored once, half the memory of separate next
+# observations. One array for all fields also lets XLA write the transition in place: with an array per field
+# it copied the action, reward and termination arrays (21 MB for 1M slots) twice per train step on a CPU.
 # Slots are written in order, so the transitions that writing destroys are always the oldest: the intact
 # ones are the newest `num_valid` of the list `transition_slots`, and sampling needs no search.
 
 
 @flax.struct.dataclass
 class ReplayBuffer:
-    observations: jax.Array  # (slots, obs_dim)
-    actions: jax.Array  # (slots, action_dim)
-    rewards: jax.Array  # (slots,)
-    terminations: jax.Array  # (slots,) 1.0 where the episode terminated (not truncated)
+    rows: jax.Array  # (slots, obs_dim + action_dim + 2): observation | action | reward | terminated (1.0 or 0.0)
     is_transition: jax.Array  # (slots,) slot i holds a complete transition (its next obs is at i + 1)
     transition_slots: jax.Array  # (slots,) the slot of the n-th transition added, at n mod slots
     num_added: jax.Array  # () transitions added so far
     num_valid: jax.Array  # () the newest transitions still intact
     position: jax.Array  # () the slot of the next transition
+    obs_dim: int = flax.struct.field(pytree_node=False)
 
 
 def create_buffer(slots: int, obs_dim: int, action_dim: int) -> ReplayBuffer:
     return ReplayBuffer(
-        observations=jnp.zeros((slots, obs_dim), jnp.float32),
-        actions=jnp.zeros((slots, action_dim), jnp.float32),
-        rewards=jnp.zeros((slots,), jnp.float32),
-        terminations=jnp.zeros((slots,), jnp.float32),
+        rows=jnp.zeros((slots, obs_dim + action_dim + 2), jnp.float32),
         is_transition=jnp.zeros((slots,), bool),
         transition_slots=jnp.zeros((slots,), jnp.int32),
         num_added=jnp.zeros((), jnp.int32),
         num_valid=jnp.zeros((), jnp.int32),
         position=jnp.zeros((), jnp.int32),
+        obs_dim=obs_dim,
     )
 
 
 def buffer_add(buffer: ReplayBuffer, obs, action, reward, next_obs, terminated, episode_end) -> ReplayBuffer:
-    slots = buffer.observations.shape[0]
+    slots = buffer.rows.shape[0]
     i = buffer.position
     next_i = (i + 1) % slots
     # Overwriting slots i and i + 1 destroys the (oldest) transitions stored there, if any.
     destroyed = buffer.is_transition[i].astype(jnp.int32) + buffer.is_transition[next_i].astype(jnp.int32)
-    return ReplayBuffer(
-        observations=buffer.observations.at[i].set(obs).at[next_i].set(next_obs),
-        actions=buffer.actions.at[i].set(action),
-        rewards=buffer.rewards.at[i].set(reward),
-        terminations=buffer.terminations.at[i].set(terminated),
+    row = jnp.concatenate([obs, action, jnp.stack([reward, terminated])])
+    return buffer.replace(
+        rows=buffer.rows.at[i].set(row).at[next_i, : buffer.obs_dim].set(next_obs),
         is_transition=buffer.is_transition.at[i].set(True).at[next_i].set(False),
         transition_slots=buffer.transition_slots.at[buffer.num_added % slots].set(i),
         num_added=buffer.num_added + 1,
@@ -447,24 +445,19 @@ def buffer_add(buffer: ReplayBuffer, obs, action, reward, next_obs, terminated, 
 def buffer_end_episode(buffer: ReplayBuffer) -> ReplayBuffer:
     """Ends the episode of the latest transition as if it were truncated (a resumed run starts a new episode):
     its next observation at slot `position` is kept, and the next episode starts one slot further."""
-    slots = buffer.observations.shape[0]
+    slots = buffer.rows.shape[0]
     episode_open = buffer.is_transition[(buffer.position - 1) % slots]
     return buffer.replace(position=(buffer.position + episode_open.astype(jnp.int32)) % slots)
 
 
 def buffer_sample(buffer: ReplayBuffer, key, batch_size: int):
     """Uniform over the intact transitions: (obs, actions, rewards, terminations, next_obs)."""
-    slots = buffer.observations.shape[0]
+    slots = buffer.rows.shape[0]
     age = jax.random.randint(key, (batch_size,), 0, buffer.num_valid)
     i = buffer.transition_slots[(buffer.num_added - 1 - age) % slots]
-    next_i = (i + 1) % slots
-    return (
-        buffer.observations[i],
-        buffer.actions[i],
-        buffer.rewards[i],
-        buffer.terminations[i],
-        buffer.observations[next_i],
-    )
+    rows, next_rows = buffer.rows[i], buffer.rows[(i + 1) % slots]
+    obs_dim = buffer.obs_dim
+    return rows[:, :obs_dim], rows[:, obs_dim:-2], rows[:, -2], rows[:, -1], next_rows[:, :obs_dim]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -550,8 +543,8 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 def over_seeds(function: Callable) -> Callable:
     """`function(agent, *inputs) -> (agent, outputs)` applied to each agent of a list, inside one jitted call;
     the small per-step inputs and outputs carry a leading axis of seeds. A list of separate agents rather than
-    one vmapped state: on a CPU, vmap's batched matmuls are much slower than plain ones, and XLA copies a
-    stacked, donated 1M-slot buffer once per call (the README's Speed section has the figures)."""
+    one vmapped state: on a CPU, vmap's batched matmuls are much slower than plain ones, and a one-seed run then
+    has no seed axis at all (the README's "Many seeds in one process" has the figures)."""
 
     @functools.wraps(function)  # keeps its name in JAX's compile logs
     def each_seed(agents: list, *inputs):
@@ -924,7 +917,26 @@ def check_args(args: Args):
             raise SystemExit("error: --capture-video needs moviepy: pip install -r requirements.txt")
 
 
+def reuse_freed_memory():
+    """Linux (glibc): keep the memory that XLA frees for its next call instead of returning it to the system.
+
+    Every call of the train step allocates its temporary arrays anew (~65 MB for the CrossQ critic at batch 512).
+    By default glibc maps blocks that large freshly from the system and unmaps them when they are freed, so every
+    call page-faults them in again. Served from the heap, which keeps freed memory for reuse (returning only what
+    exceeds 1 GiB at its top), the train step ran 10-25 % faster on a 2-core CPU (bench/speed.py --default-malloc
+    shows the difference). Elsewhere (macOS, musl) nothing changes.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters, from glibc's <malloc.h>
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**30)
+
+
 def main():
+    reuse_freed_memory()
     args, checkpoint = parse_args()
     check_args(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]

@@ -2,6 +2,7 @@
 and a train step that compiles once. Each script carries its own copy, so each copy is tested."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +179,7 @@ def test_alpha_update_direction(script, entropy_below_target):
 
 
 def small_args(module, **overrides):
-    args = module.Args(critic_hidden=32, batch_size=8, buffer_size=64, learning_starts=8, **overrides)
+    args = module.Args(**{"critic_hidden": 32, "batch_size": 8, "buffer_size": 64, "learning_starts": 8, **overrides})
     sizes = {"velocity_hidden": 16, "actor_hidden": 16, "d_model": 16}
     return dataclasses.replace(args, **{k: v for k, v in sizes.items() if hasattr(args, k)})
 
@@ -227,3 +228,20 @@ def test_train_step_compiles_once_and_learns_something(script):
     )
     assert any(jax.tree_util.tree_leaves(moved))
     assert float(metrics["losses/alpha"][0]) != 0.2  # autotune moved α
+
+
+def test_train_step_writes_the_replay_buffer_in_place(script):
+    """The donated buffer is updated in place: the compiled step copies none of its float arrays. (With an array per
+    field, XLA fused the transition's write into the batch gather and copied the action, reward and termination
+    arrays twice per call; only the one-byte is_transition flags are still copied.)"""
+    module = load_script(script)
+    slots = 4096  # a size no other array of the step has
+    args = small_args(module, buffer_size=slots)
+    obs_dim, action_dim = 3, 2
+    agent = module.create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
+    train_step = module.make_train_functions(args, action_dim, np.ones(2), np.zeros(2)).train_step
+    inputs = [np.zeros(obs_dim), np.zeros(action_dim), 0.0, np.zeros(obs_dim), 0.0, False, np.zeros(obs_dim)]
+    inputs = [jnp.asarray(x, jnp.bool_ if isinstance(x, bool) else jnp.float32)[None] for x in inputs]
+    hlo = train_step.lower([agent], *inputs).compile().as_text()
+    copied = re.findall(r"= (\w+)\[(\d+)[,\]]\S* copy\(", hlo)
+    assert [dtype for dtype, rows in copied if int(rows) == slots and dtype != "pred"] == []
