@@ -333,7 +333,7 @@ def main():
         "--num-seeds",
         type=int,
         nargs="*",
-        help="also measure the train step of N seeds in one call (--num-seeds N) for these N (default: 1 3 5 outside --quick)",
+        help="also measure N seeds in one call (--num-seeds N) for these N (default: 1 3 5 outside --quick)",
     )
     parser.add_argument(
         "--default-malloc",
