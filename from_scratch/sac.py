@@ -880,10 +880,6 @@ def main():
         obs = np.stack(policy_obs)
 
         step = global_step + 1
-        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            for i, run_dir in enumerate(run_dirs):
-                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
-            checkpoint_step = step
         if step % args.console_every == 0 or step == args.total_timesteps:
             now = time.time()
             sps = (step - window_start_step) / (now - window_time)
@@ -909,6 +905,11 @@ def main():
             returns = ", ".join(f"{r:.1f}" for r in eval_returns)
             print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)
             window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
+        # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            for i, run_dir in enumerate(run_dirs):
+                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
+            checkpoint_step = step
 
     for i, run_dir in enumerate(run_dirs):
         agent = agents[i]

@@ -13,8 +13,8 @@ Every step is Gaussian, so the log-density of the sampled path is exact:
 
     log π = log N(A_0; 0, I) + Σ_k log N(A_{k+1}; A_k + Δt b_k, σ² Δt I) − Σ_j log(scale_j (1 − tanh(A_K)_j²) + 1e-6)
 
-σ is a state-dependent standard deviation (log σ squashed into [−5, 2]) unless --noise-std fixes it.
-Flow-G velocity (gated, GRU-like), with x = [s, A_k, φ(t_k)] and two swish MLPs (hidden layers of 512):
+σ is a state-dependent standard deviation (log σ squashed into [−5, log √2]) unless --noise-std fixes it.
+Flow-G velocity (gated, GRU-like), with x = [s, A_k, φ(t_k)] and two swish MLPs (one hidden layer of 512):
 
     g = sigmoid(GateNet(x)),   ĉ = CandidateNet(x),   v_k = g ⊙ (ĉ − A_k)
 
@@ -104,7 +104,8 @@ class Args:
     autotune: bool = True
     """learn α towards the target entropy"""
     target_entropy: float = 0.0
-    """H_target of the α loss (the paper uses 0 for the path log-density)"""
+    """H_target of the α loss, a target for the path entropy −log π (0, as the paper and the released code; a run
+    refuses one above the largest entropy its σ bound allows, where α would grow without bound)"""
     critic_hidden: int = 1024
     """width of the critic's two hidden layers"""
     renorm_warmup_steps: int = 100_000
@@ -114,7 +115,10 @@ class Args:
     noise_std: float = 0.0
     """σ of the rollout noise; 0 learns a state-dependent σ (the paper's fixed form uses 0.10)"""
     velocity_hidden: int = 512
-    """width of the two hidden layers of the gate and of the candidate network"""
+    """width of the hidden layers of the gate and of the candidate network (512 as the released code; the paper
+    says 128)"""
+    velocity_hidden_layers: int = 1
+    """hidden layers of the gate and of the candidate network (1 as the released code: Dense → swish → Dense)"""
     eval_every: int = 50_000
     """environment steps between deterministic evaluations (ε = 0 at every flow step)"""
     eval_episodes: int = 10
@@ -274,17 +278,18 @@ class TimeEmbedding(nn.Module):
 
 
 class SwishMLP(nn.Module):
-    """Dense → swish → Dense → swish → Dense, the body of the gate and of the candidate network."""
+    """(Dense → swish) × hidden_layers → Dense, the body of the gate and of the candidate network."""
 
     hidden: int
+    hidden_layers: int
     features: int
     output_kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     output_bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x):
-        x = nn.swish(nn.Dense(self.hidden)(x))
-        x = nn.swish(nn.Dense(self.hidden)(x))
+        for _ in range(self.hidden_layers):
+            x = nn.swish(nn.Dense(self.hidden)(x))
         return nn.Dense(self.features, kernel_init=self.output_kernel_init, bias_init=self.output_bias_init)(x)
 
 
@@ -296,13 +301,18 @@ class VelocityNet(nn.Module):
 
     action_dim: int
     hidden: int
+    hidden_layers: int
 
     def setup(self):
         # Zero weights and bias 5: the gate starts open (g ≈ 0.993) whatever the input.
         self.gate_net = SwishMLP(
-            self.hidden, self.action_dim, nn.initializers.zeros, nn.initializers.constant(GATE_BIAS_INIT)
+            self.hidden,
+            self.hidden_layers,
+            self.action_dim,
+            nn.initializers.zeros,
+            nn.initializers.constant(GATE_BIAS_INIT),
         )
-        self.candidate_net = SwishMLP(self.hidden, self.action_dim)
+        self.candidate_net = SwishMLP(self.hidden, self.hidden_layers, self.action_dim)
 
     def gate(self, x):
         return nn.sigmoid(self.gate_net(x))
@@ -312,7 +322,10 @@ class VelocityNet(nn.Module):
         return self.gate(x) * (self.candidate_net(x) - action)
 
 
-LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
+# σ ≤ √2 keeps every compensated step stable: step k multiplies A_k by 1 − Δt σ²/(2(1 − t_k)), which at the last
+# step (1 − t = Δt) is 1 − σ²/2 for any K, in [0, 1] for σ ≤ √2 (below −1, amplifying, for σ > 2). With the bound
+# e² of Gaussian SAC's log-std, σ rose to 2.1-2.7 on Pendulum-v1 and A_K to 9-16, deep in tanh saturation.
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 0.5 * math.log(2.0)
 
 
 class FlowPolicy(nn.Module):
@@ -328,16 +341,16 @@ class FlowPolicy(nn.Module):
     flow_steps: int
     noise_std: float
     velocity_hidden: int
+    velocity_hidden_layers: int
     renorm_warmup_steps: int
 
     def setup(self):
         self.state_norm = BatchRenorm(self.renorm_warmup_steps)
         self.time_embedding = TimeEmbedding()
-        self.velocity = VelocityNet(self.action_dim, self.velocity_hidden)
+        self.velocity = VelocityNet(self.action_dim, self.velocity_hidden, self.velocity_hidden_layers)
         if self.noise_std <= 0:
             self.log_sigma_hidden = nn.Dense(256)
-            # Zero weights: σ starts at e^-1.5 ≈ 0.22 for every state. The compensated step multiplies A_k by
-            # 1 − Δt σ²/(2(1 − t_k)), which for K = 4 leaves [−1, 1] once σ > 2, so a random start could diverge.
+            # Zero weights: σ starts at the middle of its log range, e^-2.33 ≈ 0.10 (the paper's fixed σ), in every state.
             self.log_sigma_out = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)
 
     def velocity_at(self, state, action, t):
@@ -475,7 +488,14 @@ class AgentState:
 
 
 def make_networks(args: Args, action_dim: int):
-    policy = FlowPolicy(action_dim, args.flow_steps, args.noise_std, args.velocity_hidden, args.renorm_warmup_steps)
+    policy = FlowPolicy(
+        action_dim,
+        args.flow_steps,
+        args.noise_std,
+        args.velocity_hidden,
+        args.velocity_hidden_layers,
+        args.renorm_warmup_steps,
+    )
     q_network = QNetwork(args.critic_hidden, args.renorm_warmup_steps)
     return policy, q_network
 
@@ -525,6 +545,14 @@ def grad_norm_keys(args: Args) -> list[str]:
 def td_target(rewards, terminations, next_q_min, next_log_prob, alpha, gamma: float):
     """y = r + γ (1 − terminated) (min_i Q_i(s', a') − α log π(a'|s'))."""
     return rewards + gamma * (1.0 - terminations) * (next_q_min - alpha * next_log_prob)
+
+
+def max_path_entropy(action_scale, flow_steps: int, sigma: float) -> float:
+    """The largest −log π with σ ≤ sigma: a constant σ and no tanh saturation (log|da/dA_K| = Σ_j log scale_j),
+    Σ_j [c + K (c + log σ − ½ log K) + log scale_j],  c = ½ log(2πe)."""
+    c = 0.5 * math.log(2 * math.pi * math.e)
+    per_dimension = c + flow_steps * (c + math.log(sigma) - 0.5 * math.log(flow_steps))
+    return float(np.sum(per_dimension + np.log(action_scale)))
 
 
 def alpha_loss(log_alpha, log_prob, target_entropy: float):
@@ -878,6 +906,7 @@ def check_args(args: Args):
         "log_every",
         "console_every",
         "num_seeds",
+        "velocity_hidden_layers",
     )
     for name in positive:
         if getattr(args, name) <= 0:
@@ -946,6 +975,17 @@ def main():
         print(f"resuming {args.resume} from its checkpoint at step {start_step}")
     # A resumed run's environments start new episodes, from seeds of their own.
     envs = [make_env(args.env_id, seed + start_step) for seed in seeds]
+    largest_entropy = max_path_entropy(  # refused before anything is written
+        (envs[0].action_space.high - envs[0].action_space.low) / 2,
+        args.flow_steps,
+        args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX),
+    )
+    if args.autotune and args.target_entropy >= largest_entropy:
+        raise SystemExit(
+            f"error: --target-entropy {args.target_entropy} is not below the largest path entropy the policy can reach "
+            f"on {args.env_id} with K = {args.flow_steps} and its σ bound, {largest_entropy:.1f}: α would grow without "
+            "bound; lower it (or raise --noise-std)"
+        )
     video_folder = "videos" if start_step == 0 else f"videos_from_step_{start_step}"
     eval_envs = [
         make_env(
@@ -1041,10 +1081,6 @@ def main():
         obs = np.stack(policy_obs)
 
         step = global_step + 1
-        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            for i, run_dir in enumerate(run_dirs):
-                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
-            checkpoint_step = step
         if step % args.console_every == 0 or step == args.total_timesteps:
             now = time.time()
             sps = (step - window_start_step) / (now - window_time)
@@ -1070,6 +1106,11 @@ def main():
             returns = ", ".join(f"{r:.1f}" for r in eval_returns)
             print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)
             window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
+        # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            for i, run_dir in enumerate(run_dirs):
+                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
+            checkpoint_step = step
 
     for i, run_dir in enumerate(run_dirs):
         agent = agents[i]

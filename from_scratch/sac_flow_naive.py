@@ -13,7 +13,7 @@ Every step is Gaussian, so the log-density of the sampled path is exact:
 
     log π = log N(A_0; 0, I) + Σ_k log N(A_{k+1}; A_k + Δt b_k, σ² Δt I) − Σ_j log(scale_j (1 − tanh(A_K)_j²) + 1e-6)
 
-σ is a state-dependent standard deviation (log σ squashed into [−5, 2]) unless --noise-std fixes it.
+σ is a state-dependent standard deviation (log σ squashed into [−5, log √2]) unless --noise-std fixes it.
 Naive velocity: v = MLP([s, A_k, φ(t_k)]), two hidden layers of 512, ReLU. The K-step rollout is then a
 residual RNN, whose gradient can explode through the steps: the gated (sac_flow_gru.py) and decoded
 (sac_flow_transformer.py) velocities fix that.
@@ -98,7 +98,8 @@ class Args:
     autotune: bool = True
     """learn α towards the target entropy"""
     target_entropy: float = 0.0
-    """H_target of the α loss (the paper uses 0 for the path log-density)"""
+    """H_target of the α loss, a target for the path entropy −log π (0, as the paper and the released code; a run
+    refuses one above the largest entropy its σ bound allows, where α would grow without bound)"""
     critic_hidden: int = 1024
     """width of the critic's two hidden layers"""
     renorm_warmup_steps: int = 100_000
@@ -281,7 +282,10 @@ class VelocityNet(nn.Module):
         return nn.Dense(self.action_dim)(x)
 
 
-LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
+# σ ≤ √2 keeps every compensated step stable: step k multiplies A_k by 1 − Δt σ²/(2(1 − t_k)), which at the last
+# step (1 − t = Δt) is 1 − σ²/2 for any K, in [0, 1] for σ ≤ √2 (below −1, amplifying, for σ > 2). With the bound
+# e² of Gaussian SAC's log-std, σ rose to 2.1-2.7 on Pendulum-v1 and A_K to 9-16, deep in tanh saturation.
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 0.5 * math.log(2.0)
 
 
 class FlowPolicy(nn.Module):
@@ -305,8 +309,7 @@ class FlowPolicy(nn.Module):
         self.velocity = VelocityNet(self.action_dim, self.velocity_hidden)
         if self.noise_std <= 0:
             self.log_sigma_hidden = nn.Dense(256)
-            # Zero weights: σ starts at e^-1.5 ≈ 0.22 for every state. The compensated step multiplies A_k by
-            # 1 − Δt σ²/(2(1 − t_k)), which for K = 4 leaves [−1, 1] once σ > 2, so a random start could diverge.
+            # Zero weights: σ starts at the middle of its log range, e^-2.33 ≈ 0.10 (the paper's fixed σ), in every state.
             self.log_sigma_out = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)
 
     def velocity_at(self, state, action, t):
@@ -494,6 +497,14 @@ def grad_norm_keys(args: Args) -> list[str]:
 def td_target(rewards, terminations, next_q_min, next_log_prob, alpha, gamma: float):
     """y = r + γ (1 − terminated) (min_i Q_i(s', a') − α log π(a'|s'))."""
     return rewards + gamma * (1.0 - terminations) * (next_q_min - alpha * next_log_prob)
+
+
+def max_path_entropy(action_scale, flow_steps: int, sigma: float) -> float:
+    """The largest −log π with σ ≤ sigma: a constant σ and no tanh saturation (log|da/dA_K| = Σ_j log scale_j),
+    Σ_j [c + K (c + log σ − ½ log K) + log scale_j],  c = ½ log(2πe)."""
+    c = 0.5 * math.log(2 * math.pi * math.e)
+    per_dimension = c + flow_steps * (c + math.log(sigma) - 0.5 * math.log(flow_steps))
+    return float(np.sum(per_dimension + np.log(action_scale)))
 
 
 def alpha_loss(log_alpha, log_prob, target_entropy: float):
@@ -915,6 +926,17 @@ def main():
         print(f"resuming {args.resume} from its checkpoint at step {start_step}")
     # A resumed run's environments start new episodes, from seeds of their own.
     envs = [make_env(args.env_id, seed + start_step) for seed in seeds]
+    largest_entropy = max_path_entropy(  # refused before anything is written
+        (envs[0].action_space.high - envs[0].action_space.low) / 2,
+        args.flow_steps,
+        args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX),
+    )
+    if args.autotune and args.target_entropy >= largest_entropy:
+        raise SystemExit(
+            f"error: --target-entropy {args.target_entropy} is not below the largest path entropy the policy can reach "
+            f"on {args.env_id} with K = {args.flow_steps} and its σ bound, {largest_entropy:.1f}: α would grow without "
+            "bound; lower it (or raise --noise-std)"
+        )
     video_folder = "videos" if start_step == 0 else f"videos_from_step_{start_step}"
     eval_envs = [
         make_env(
@@ -1010,10 +1032,6 @@ def main():
         obs = np.stack(policy_obs)
 
         step = global_step + 1
-        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            for i, run_dir in enumerate(run_dirs):
-                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
-            checkpoint_step = step
         if step % args.console_every == 0 or step == args.total_timesteps:
             now = time.time()
             sps = (step - window_start_step) / (now - window_time)
@@ -1039,6 +1057,11 @@ def main():
             returns = ", ".join(f"{r:.1f}" for r in eval_returns)
             print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)
             window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
+        # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            for i, run_dir in enumerate(run_dirs):
+                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
+            checkpoint_step = step
 
     for i, run_dir in enumerate(run_dirs):
         agent = agents[i]

@@ -10,8 +10,8 @@ Policy (the noise-augmented flow rollout of SAC Flow, K steps, dt = 1/K, t_k = k
     A_{k+1} = A_k + dt b_k + sigma sqrt(dt) eps_k,   eps_k ~ N(0, I_D)
     chunk = tanh(A_K)                                               (OGBench actions are in [-1, 1])
     log pi = log N(A_0; 0, I) + sum_k log N(A_{k+1}; A_k + dt b_k, sigma^2 dt I) - sum_j log(1 - tanh(A_K)_j^2 + 1e-6)
-sigma is a state-dependent standard deviation (log sigma squashed into [-5, 2]) unless --noise-std fixes it.
-Flow-G velocity (gated, GRU-like), with x = [LN(s), A_k, phi(t_k)] and two swish MLPs (hidden layers of 512):
+sigma is a state-dependent standard deviation (log sigma squashed into [-5, log sqrt 2]) unless --noise-std fixes it.
+Flow-G velocity (gated, GRU-like), with x = [LN(s), A_k, phi(t_k)] and two swish MLPs (one hidden layer of 512):
     g = sigmoid(GateNet(x)),   c = CandidateNet(x),   v_k = g * (c - A_k)
 Without noise a step is A_{k+1} = (1 - dt g) A_k + dt g c, a GRU update whose Jacobian's identity path is scaled by
 the gate, so the gradient through the K steps stays bounded. The gate's last layer starts at zero weights and bias 5
@@ -51,7 +51,7 @@ Design choices:
   and -log pi depends on theta only through sigma and the tanh term: the entropy bonus raises sigma (whose noise
   the compensated drift absorbs: in continuous time it leaves the chunk's distribution unchanged for an exact
   velocity) and keeps A_K out of tanh saturation. For K = 4 and no saturation, -D/2 means sigma ~ 0.30 (the
-  initial sigma is 0.22).
+  initial sigma is 0.10).
 - Why alpha cannot collapse here, while the released agent's fell to ~1e-11 within 85k steps: its alpha loss is
   alpha * (log pi - H_target) with H_target = 0, the sign of SAC's -alpha (log pi + H_target) reversed, so alpha
   falls exactly when the entropy is too low. Its log pi (fixed noise 0.05 per step over 4 steps of 25 chunk
@@ -184,7 +184,9 @@ class Args:
     num_qs: int = 2
     """number of Q networks in the critic ensemble"""
     velocity_hidden: int = 512
-    """width of the velocity network's hidden layers"""
+    """width of the hidden layers of the gate and of the candidate network (512 as the released code)"""
+    velocity_hidden_layers: int = 1
+    """hidden layers of the gate and of the candidate network (1 as the released code: Dense -> swish -> Dense)"""
 
 
 class RunLogger:
@@ -433,17 +435,18 @@ class TimeEmbedding(nn.Module):
 
 
 class SwishMLP(nn.Module):
-    """Dense -> swish -> Dense -> swish -> Dense, the body of the gate and of the candidate network."""
+    """(Dense -> swish) × hidden_layers -> Dense, the body of the gate and of the candidate network."""
 
     hidden: int
+    hidden_layers: int
     features: int
     output_kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     output_bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x):
-        x = nn.swish(nn.Dense(self.hidden)(x))
-        x = nn.swish(nn.Dense(self.hidden)(x))
+        for _ in range(self.hidden_layers):
+            x = nn.swish(nn.Dense(self.hidden)(x))
         return nn.Dense(self.features, kernel_init=self.output_kernel_init, bias_init=self.output_bias_init)(x)
 
 
@@ -455,20 +458,27 @@ class VelocityNet(nn.Module):
 
     chunk_dim: int
     hidden: int
+    hidden_layers: int
 
     def setup(self):
         # Zero weights and bias 5: the gate starts open (g ~ 0.993) whatever the input.
         self.gate_net = SwishMLP(
-            self.hidden, self.chunk_dim, nn.initializers.zeros, nn.initializers.constant(GATE_BIAS_INIT)
+            self.hidden,
+            self.hidden_layers,
+            self.chunk_dim,
+            nn.initializers.zeros,
+            nn.initializers.constant(GATE_BIAS_INIT),
         )
-        self.candidate_net = SwishMLP(self.hidden, self.chunk_dim)
+        self.candidate_net = SwishMLP(self.hidden, self.hidden_layers, self.chunk_dim)
 
     def __call__(self, state, x, time_features):
         inputs = jnp.concatenate([state, x, time_features], axis=-1)
         return nn.sigmoid(self.gate_net(inputs)) * (self.candidate_net(inputs) - x)
 
 
-LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
+# sigma <= sqrt 2 keeps every compensated step stable: step k multiplies A_k by 1 - dt sigma^2 / (2(1 - t_k)), which
+# at the last step (1 - t = dt) is 1 - sigma^2 / 2 for any K: in [0, 1] for sigma <= sqrt 2, amplifying for sigma > 2.
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 0.5 * math.log(2.0)
 
 
 class FlowPolicy(nn.Module):
@@ -488,9 +498,7 @@ class FlowPolicy(nn.Module):
         self.time_embedding = TimeEmbedding()
         if self.noise_std <= 0:
             self.log_sigma_hidden = nn.Dense(256)
-            # Zero weights: sigma starts at e^-1.5 = 0.22 in every entry and state. With the default init some entries
-            # start above 2, where the K = 4 step of the compensated drift, A (1 - dt sigma^2 / (2(1 - t))) + ...,
-            # is unstable and paths blow up.
+            # Zero weights: sigma starts at the middle of its log range, e^-2.33 = 0.10, in every entry and state.
             self.log_sigma_out = nn.Dense(self.chunk_dim, kernel_init=nn.initializers.zeros)
 
     def velocity(self, observations, x, t):
@@ -563,7 +571,7 @@ def target_entropy_of(args: Args, chunk_dim: int) -> float:
 
 def make_agent(args: Args, obs_dim: int, action_dim: int) -> tuple[SACFlow, AgentState]:
     chunk_dim = args.horizon_length * action_dim
-    velocity_net = VelocityNet(chunk_dim, args.velocity_hidden)
+    velocity_net = VelocityNet(chunk_dim, args.velocity_hidden, args.velocity_hidden_layers)
     agent = SACFlow(
         critic=Critic(args.critic_hidden_dims, args.num_qs),
         policy=FlowPolicy(velocity_net, chunk_dim, args.flow_steps, args.noise_std),
@@ -936,6 +944,7 @@ def check_args(args: Args):
         "offline_scan_length",
         "num_qs",
         "velocity_hidden",
+        "velocity_hidden_layers",
     ):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -10,7 +10,7 @@ Policy (the noise-augmented flow rollout of SAC Flow, K steps, dt = 1/K, t_k = k
     A_{k+1} = A_k + dt b_k + sigma sqrt(dt) eps_k,   eps_k ~ N(0, I_D)
     chunk = tanh(A_K)                                               (OGBench actions are in [-1, 1])
     log pi = log N(A_0; 0, I) + sum_k log N(A_{k+1}; A_k + dt b_k, sigma^2 dt I) - sum_j log(1 - tanh(A_K)_j^2 + 1e-6)
-sigma is a state-dependent standard deviation (log sigma squashed into [-5, 2]) unless --noise-std fixes it.
+sigma is a state-dependent standard deviation (log sigma squashed into [-5, log sqrt 2]) unless --noise-std fixes it.
 Flow-T velocity (decoded): an action-time token and a state token of width d_model,
     Phi_A = E_A([A_k, phi(t_k)]),   Phi_S = E_S(LN(s))
     L pre-norm decoder blocks:  Y = Phi_A + CrossAttn(query = LN(Phi_A), keys/values = LN(Phi_S))
@@ -52,7 +52,7 @@ Design choices:
   and -log pi depends on theta only through sigma and the tanh term: the entropy bonus raises sigma (whose noise
   the compensated drift absorbs: in continuous time it leaves the chunk's distribution unchanged for an exact
   velocity) and keeps A_K out of tanh saturation. For K = 4 and no saturation, -D/2 means sigma ~ 0.30 (the
-  initial sigma is 0.22).
+  initial sigma is 0.10).
 - Why alpha cannot collapse here, while the released agent's fell to ~1e-11 within 85k steps: its alpha loss is
   alpha * (log pi - H_target) with H_target = 0, the sign of SAC's -alpha (log pi + H_target) reversed, so alpha
   falls exactly when the entropy is too low. Its log pi (fixed noise 0.05 per step over 4 steps of 25 chunk
@@ -472,7 +472,9 @@ class VelocityNet(nn.Module):
         return nn.Dense(self.chunk_dim, name="output")(nn.LayerNorm(name="output_norm")(action_token))[:, 0]
 
 
-LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
+# sigma <= sqrt 2 keeps every compensated step stable: step k multiplies A_k by 1 - dt sigma^2 / (2(1 - t_k)), which
+# at the last step (1 - t = dt) is 1 - sigma^2 / 2 for any K: in [0, 1] for sigma <= sqrt 2, amplifying for sigma > 2.
+LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 0.5 * math.log(2.0)
 
 
 class FlowPolicy(nn.Module):
@@ -492,9 +494,7 @@ class FlowPolicy(nn.Module):
         self.time_embedding = TimeEmbedding()
         if self.noise_std <= 0:
             self.log_sigma_hidden = nn.Dense(256)
-            # Zero weights: sigma starts at e^-1.5 = 0.22 in every entry and state. With the default init some entries
-            # start above 2, where the K = 4 step of the compensated drift, A (1 - dt sigma^2 / (2(1 - t))) + ...,
-            # is unstable and paths blow up.
+            # Zero weights: sigma starts at the middle of its log range, e^-2.33 = 0.10, in every entry and state.
             self.log_sigma_out = nn.Dense(self.chunk_dim, kernel_init=nn.initializers.zeros)
 
     def velocity(self, observations, x, t):

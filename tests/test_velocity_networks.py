@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import FROM_SCRATCH, load_script
 
 gru = load_script("sac_flow_gru")
@@ -49,19 +50,23 @@ def sigmoid_np(x):
 
 
 def swish_mlp_np(p, x):
-    for layer in ("Dense_0", "Dense_1"):
+    """(Dense → swish) for each hidden layer, then the output Dense (the last of Dense_0, Dense_1, ...)."""
+    layers = sorted(p, key=lambda name: int(name.split("_")[1]))
+    for layer in layers[:-1]:
         h = x @ p[layer]["kernel"] + p[layer]["bias"]
         x = h * sigmoid_np(h)
-    return x @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"]
+    return x @ p[layers[-1]]["kernel"] + p[layers[-1]]["bias"]
 
 
 def test_flow_g_gate_starts_at_sigmoid_5():
-    policy, _ = gru.make_networks(gru.Args(), ACTION_DIM)  # default widths: hidden 512
+    policy, _ = gru.make_networks(gru.Args(), ACTION_DIM)  # default sizes: one hidden layer of 512
     state, action, _ = random_inputs()
     variables = policy.init(
         jax.random.PRNGKey(0), state, action, np.zeros((4, BATCH, ACTION_DIM), np.float32), train=False
     )
-    gate_output_layer = variables["params"]["velocity"]["gate_net"]["Dense_2"]
+    gate_net = variables["params"]["velocity"]["gate_net"]
+    assert sorted(gate_net) == ["Dense_0", "Dense_1"] and gate_net["Dense_0"]["kernel"].shape[1] == 512
+    gate_output_layer = gate_net["Dense_1"]
     assert np.all(np.asarray(gate_output_layer["kernel"]) == 0.0)
     assert np.all(np.asarray(gate_output_layer["bias"]) == 5.0)
     # Read the gate of the bound module on inputs far from zero: it must not depend on them at initialisation.
@@ -72,13 +77,15 @@ def test_flow_g_gate_starts_at_sigmoid_5():
     np.testing.assert_allclose(gate, 1.0 / (1.0 + np.exp(-5.0)), rtol=1e-6)
 
 
-def test_flow_g_velocity_is_gate_times_candidate_minus_action():
-    net = gru.VelocityNet(ACTION_DIM, hidden=16)
+@pytest.mark.parametrize("hidden_layers", [1, 2])  # 1: the released code's (default); 2: --velocity-hidden-layers 2
+def test_flow_g_velocity_is_gate_times_candidate_minus_action(hidden_layers):
+    net = gru.VelocityNet(ACTION_DIM, hidden=16, hidden_layers=hidden_layers)
     state, action, time_features = random_inputs()
     params = perturbed(net.init(jax.random.PRNGKey(2), state, action, time_features)["params"], seed=3)
     v = np.asarray(net.apply({"params": params}, state, action, time_features))
 
     p = to_numpy(params)
+    assert len(p["gate_net"]) == len(p["candidate_net"]) == hidden_layers + 1
     x = np.concatenate([state, action, time_features], axis=1).astype(np.float64)
     gate = sigmoid_np(swish_mlp_np(p["gate_net"], x))
     candidate = swish_mlp_np(p["candidate_net"], x)
