@@ -37,6 +37,8 @@ import json
 import math
 import netrc
 import os
+import signal
+import sys
 import time
 import urllib.parse
 import uuid
@@ -130,6 +132,8 @@ class Args:
     """environment steps between checkpoints (runs/<run_name>/checkpoint.flax, replay buffer included); 0: none"""
     resume: str | None = None
     """continue runs/<run_name> from its checkpoint with its saved args; flags given here win"""
+    checkpoint_on_exit: bool = True
+    """on Ctrl-C (SIGINT) or SIGTERM (cluster preemption): finish the step, write the checkpoint, exit 130 or 143"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -167,10 +171,12 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.log({key: float(value) for key, value in metrics.items()}, step=global_step)
 
-    def close(self):
+    def close(self, exit_code: int = 0):
         self.file.close()
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            if exit_code != 0:  # stopped by a signal: wandb shows the run as preempted, to be resumed
+                self.wandb_run.mark_preempting()
+            self.wandb_run.finish(exit_code=exit_code)
 
 
 def wandb_login_available() -> bool:
@@ -828,6 +834,23 @@ def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int) -
     return [jax.tree.map(jnp.asarray, agent)]
 
 
+def catch_stop_signals() -> dict:
+    """SIGINT (Ctrl-C) and SIGTERM (what clusters send before they preempt a job) only record the signal: the loop
+    ends after its current step, writes the checkpoint and exits. A second signal exits at once; a checkpoint being
+    written then stays a .tmp file and the previous one is kept."""
+    stop = {"signal": None}
+
+    def handle(signum, _frame):
+        if stop["signal"] is not None:
+            print(f"stopped at once by a second {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        stop["signal"] = signum
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
+    return stop
+
+
 def stop_on_divergence(run_dir: str, metrics: dict, agent: AgentState, global_step: int, checkpoint_step):
     """Names the non-finite losses or parameters of one seed, saves its parameters for inspection, and exits."""
     bad = [f"{key}={value}" for key, value in metrics.items() if not np.isfinite(value)]
@@ -986,6 +1009,7 @@ def main():
     obs = np.stack([env.reset()[0] for env in envs])
     actions = np.stack([env.action_space.sample() for env in envs])
     checkpoint_step = None if checkpoint is None else start_step
+    stop = catch_stop_signals()
     start_time = window_time = time.time()
     window_start_step = start_step
     latest_returns = [float("nan")] * args.num_seeds
@@ -1062,6 +1086,29 @@ def main():
             for i, run_dir in enumerate(run_dirs):
                 save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
             checkpoint_step = step
+        if stop["signal"] is not None:
+            break
+
+    if stop["signal"] is not None:
+        if args.checkpoint_on_exit and checkpoint_step != step:
+            for i, run_dir in enumerate(run_dirs):
+                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
+            checkpoint_step = step
+        for env, eval_env, logger in zip(envs, eval_envs, loggers):
+            env.close()
+            eval_env.close()
+            logger.close(exit_code=128 + stop["signal"])
+        if checkpoint_step is None:
+            continuation = "no checkpoint was written (--no-checkpoint-on-exit), so it cannot be continued"
+        else:
+            commands = " ; ".join(f"python {sys.argv[0]} --resume {run_dir}" for run_dir in run_dirs)
+            continuation = f"checkpoint at step {checkpoint_step}; continue with: {commands}"
+        print(
+            f"interrupted by {signal.Signals(stop['signal']).name} at step {step}/{args.total_timesteps}; {continuation}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(128 + stop["signal"])
 
     for i, run_dir in enumerate(run_dirs):
         agent = agents[i]

@@ -1,8 +1,10 @@
 """The from-scratch scripts over a run's life: the same seed gives the same run, checkpoints resume (also after
-SIGKILL), --num-seeds trains independent seeds, a diverging run stops at once, and a bad --resume is one line."""
+SIGKILL), Ctrl-C and SIGTERM checkpoint and say how to resume, --num-seeds trains independent seeds, a diverging run
+stops at once, and a bad --resume is one line."""
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import time
 import flax
 import numpy as np
 import pytest
-from conftest import FROM_SCRATCH, run_script, script_environment
+from conftest import FROM_SCRATCH, load_script, run_script, script_environment
 
 SMALL_NETWORKS = {
     "sac": ["--actor-hidden", "32"],
@@ -113,6 +115,85 @@ def test_resume_after_sigkill_continues_without_duplicate_rows(tmp_path):
     steps = [s for s, _, _ in rows]
     assert steps == sorted(steps) and steps[-1] == step + 99
     assert all(np.isfinite(value) for _, _, value in rows)
+
+
+def start_and_signal_after(script, flags: list[str], cwd, signum: int, console_line: str) -> tuple[int, str]:
+    """Starts the script, sends `signum` once it has printed `console_line`; its exit status and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, str(script), *flags],
+        cwd=cwd,
+        env=script_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if console_line in line:
+                process.send_signal(signum)
+                break
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    return process.returncode, stderr
+
+
+@pytest.mark.parametrize("script", ["sac", "sac_flow_gru"])
+def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
+    """SIGINT in the random phase (no --checkpoint-every), then SIGTERM while training: each finishes its step,
+    writes the checkpoint, prints the exact --resume command in one line and exits 130 / 143; the run resumed as
+    printed ends like an uninterrupted one, with no step logged twice."""
+    path = FROM_SCRATCH / f"{script}.py"
+    flags = tiny_flags(script, 600, "--learning-starts", "300")
+    status, stderr = start_and_signal_after(path, flags, tmp_path, signal.SIGINT, "step 200/600")
+    assert status == 130, stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("interrupted by SIGINT at step ") and "Traceback" not in stderr, stderr[-3000:]
+    command = last_line.split("continue with: ")[1]
+    assert command == f"python {path} --resume runs/{run_dir.name}"
+    first_stop = checkpoint_step(run_dir)
+    assert 200 <= first_stop < 300  # in the random phase, where no checkpoint was asked for
+
+    resume_flags = command.split()[2:]
+    status, stderr = start_and_signal_after(path, resume_flags, tmp_path, signal.SIGTERM, "step 400/600")
+    assert status == 143 and "interrupted by SIGTERM" in stderr.strip().splitlines()[-1], stderr[-3000:]
+    assert 400 <= checkpoint_step(run_dir) < 600
+
+    resumed = run_script(path, *resume_flags, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = metric_rows(run_dir)
+    assert len({(s, key) for s, key, _ in rows}) == len(rows)  # nothing logged twice for one step
+    steps = [s for s, _, _ in rows]
+    assert steps == sorted(steps) and steps[-1] == 599
+    assert {key for _, key, _ in rows} >= {"losses/qf_loss", "eval/episodic_return", "charts/episodic_return"}
+
+
+@pytest.mark.parametrize("script", ["sac", "sac_flow_transformer"])
+def test_first_signal_is_recorded_and_a_second_one_exits_at_once(script):
+    module = load_script(script)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = module.catch_stop_signals()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop["signal"] == signal.SIGTERM  # recorded; the loop ends after its step
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stopped.value.code == 128 + signal.SIGINT
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_no_checkpoint_on_exit_writes_none(tmp_path):
+    """--no-checkpoint-on-exit: the run ends at the signal without a checkpoint and says it cannot be continued."""
+    path = FROM_SCRATCH / "sac.py"
+    flags = tiny_flags("sac", 600, "--no-checkpoint-on-exit")
+    status, stderr = start_and_signal_after(path, flags, tmp_path, signal.SIGTERM, "step 200/600")
+    assert status == 143, stderr[-3000:]
+    (run_dir,) = run_dirs(tmp_path)
+    assert not (run_dir / "checkpoint.flax").exists()
+    assert "cannot be continued" in stderr.strip().splitlines()[-1]
 
 
 def test_num_seeds_trains_each_seed_as_if_alone(tmp_path):
