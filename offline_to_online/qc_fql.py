@@ -42,6 +42,8 @@ import functools
 import json
 import netrc
 import os
+import signal
+import sys
 import time
 import urllib.parse
 import warnings
@@ -81,6 +83,9 @@ class Args:
     """write runs/<run_name>/checkpoint.flax every this many steps of metrics.csv's global_step (0: never)"""
     resume: str | None = None
     """continue runs/<run_name> from its checkpoint.flax with its saved args; flags given here win (--online-steps)"""
+    checkpoint_on_exit: bool = True
+    """on Ctrl-C (SIGINT) or SIGTERM (cluster preemption): finish the update block or environment step, write the
+    checkpoint, exit 130 or 143"""
 
     env_name: str = "cube-triple-play-singletask-task4-v0"
     """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0)"""
@@ -147,10 +152,12 @@ class RunLogger:
         if self.use_wandb:
             wandb.log(metrics, step=global_step)
 
-    def close(self):
+    def close(self, exit_code: int = 0):
         self.file.close()
         if self.use_wandb:
-            wandb.finish()
+            if exit_code != 0:  # stopped by a signal: wandb shows the run as preempted, to be resumed
+                wandb.run.mark_preempting()
+            wandb.finish(exit_code=exit_code)
 
 
 def wandb_login_available() -> bool:
@@ -662,6 +669,23 @@ def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
     return ", ".join(losses or nonfinite_groups)
 
 
+def catch_stop_signals() -> dict:
+    """SIGINT (Ctrl-C) and SIGTERM (what clusters send before they preempt a job) only record the signal: the run
+    ends after its current block of offline updates or environment step, writes the checkpoint and exits. A second
+    signal exits at once; a checkpoint being written then stays a .tmp file and the previous one is kept."""
+    stop = {"signal": None}
+
+    def handle(signum, _frame):
+        if stop["signal"] is not None:
+            print(f"stopped at once by a second {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+        stop["signal"] = signum
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handle)
+    return stop
+
+
 def stop_on_divergence(run_dir: str, step: int, metrics: dict, state: AgentState, checkpoint_step: int | None):
     """Saves the state to runs/<run_name>/nonfinite_state.flax for inspection and ends the run with one line naming the
     non-finite quantity, the step and the last checkpoint (only ever written from a finite state)."""
@@ -828,6 +852,29 @@ def main():
         )
         last_checkpoint_step = offline_done + online_done
 
+    stop = catch_stop_signals()
+
+    def exit_interrupted(offline_done: int, online_done: int):
+        if args.checkpoint_on_exit and last_checkpoint_step != offline_done + online_done:
+            write_checkpoint(offline_done, online_done)
+        env.close()
+        eval_env.close()
+        logger.close(exit_code=128 + stop["signal"])
+        if last_checkpoint_step is None:
+            continuation = "no checkpoint was written (--no-checkpoint-on-exit), so it cannot be continued"
+        else:
+            continuation = (
+                f"checkpoint at step {last_checkpoint_step}; continue with: python {sys.argv[0]} --resume {run_dir}"
+            )
+        total = args.offline_steps + args.online_steps
+        print(
+            f"interrupted by {signal.Signals(stop['signal']).name} at step {offline_done + online_done}/{total}; "
+            + continuation,
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(128 + stop["signal"])
+
     # Offline phase: blocks of updates, each one jitted scan over batches sampled on the device.
     step, window_start, window_steps = start_offline, time.time(), 0
     while step < args.offline_steps:
@@ -865,6 +912,8 @@ def main():
             window_start, window_steps = time.time(), 0
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             write_checkpoint(step, 0)
+        if stop["signal"] is not None:
+            exit_interrupted(step, 0)
 
     # Online phase: the dataset is the start of the replay buffer; each env step appends one transition,
     # makes one update and proposes the chunk for the next observation (used when the previous one has run out).
@@ -924,7 +973,7 @@ def main():
         checkpoint_now = args.checkpoint_every > 0 and global_step % args.checkpoint_every == 0
         # The divergence checks are read when the host waits for the device anyway (a new chunk, a log, an evaluation,
         # a checkpoint): reading each one at once would keep the environment steps from overlapping the updates.
-        if not queue or log_now or eval_now or checkpoint_now:
+        if not queue or log_now or eval_now or checkpoint_now or stop["signal"] is not None:
             for step_of_update, update_finite, update_metrics in unchecked:
                 if not update_finite:
                     stop_on_divergence(run_dir, step_of_update, update_metrics, state, last_checkpoint_step)
@@ -942,6 +991,8 @@ def main():
             window_start, window_steps = time.time(), 0
         if checkpoint_now:
             write_checkpoint(args.offline_steps, online_step_index)
+        if stop["signal"] is not None:
+            exit_interrupted(args.offline_steps, online_step_index)
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
