@@ -30,6 +30,9 @@ so with the files in place it never downloads.
 
 Every episode has its own seed, derived from (--seed, split, episode index): the dataset does not depend on
 --num-workers, and episode i of a small dataset is episode i of a large one with the same seed.
+
+Ctrl-C or SIGTERM keeps the episodes generated so far in <dataset_dir>/<name>.partial.npz and exits (130 or 143);
+the same command continues from them, and the files it writes are the ones an uninterrupted run writes.
 The published datasets were generated with unseeded global RNGs, so the episodes here are different draws from
 the same distribution, not copies of the published files.
 
@@ -40,8 +43,10 @@ Example (OGBench's default location, where ogbench.make_env_and_datasets looks):
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -91,7 +96,7 @@ class Args:
     noise_smoothing: float = 0.5
     """std, in control steps, of the Gaussian filter that smooths the plan noise over time (OGBench "play": 0.5)"""
     overwrite: bool = False
-    """replace existing dataset files"""
+    """replace existing dataset files (and ignore the episodes kept by an interrupted run)"""
 
 
 def dataset_name_of(env_name: str) -> str:
@@ -212,6 +217,12 @@ def _init_worker(env_id: str, max_episode_steps: int, noise: float, noise_smooth
     _worker["env"], _worker["oracles"] = make_env_and_oracles(env_id, max_episode_steps, noise, noise_smoothing)
 
 
+def _init_pool_worker(*worker_args):
+    # A terminal's Ctrl-C reaches every process of the group: the parent alone decides (it ends the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*worker_args)
+
+
 def _collect_job(job):
     split, index, seed = job
     return split, index, collect_episode(_worker["env"], _worker["oracles"], _worker["env_id"], seed)
@@ -298,8 +309,15 @@ def generate_dataset(
     os.makedirs(os.path.dirname(paths["train"]), exist_ok=True)
 
     counts = {"train": num_episodes, "val": num_val_episodes}
-    jobs = [(split, i, episode_seed(seed, split, i)) for split in SPLITS for i in range(counts[split])]
+    recipe = np.array([num_episodes, num_val_episodes, max_episode_steps, seed, noise, noise_smoothing], np.float64)
+    partial_path = os.path.join(os.path.dirname(paths["train"]), f"{dataset_name}.partial.npz")
     arrays = {"train": {}, "val": {}}  # filled in place: episode i of a split is rows [i*T, (i+1)*T)
+    done = {split: np.zeros(counts[split], bool) for split in SPLITS}
+    if os.path.exists(partial_path) and not overwrite:
+        arrays, done = read_partial(partial_path, recipe)
+        print(f"continuing from {partial_path}: {sum(map(np.sum, done.values()))} episodes already generated")
+    jobs = [(split, i, episode_seed(seed, split, i)) for split in SPLITS for i in range(counts[split])]
+    jobs = [(split, i, episode_seed_) for split, i, episode_seed_ in jobs if not done[split][i]]
 
     def store(split: str, index: int, episode: dict):
         rows = slice(index * max_episode_steps, (index + 1) * max_episode_steps)
@@ -308,33 +326,91 @@ def generate_dataset(
                 shape = (counts[split] * max_episode_steps, *value.shape[1:])
                 arrays[split][key] = np.zeros(shape, dtype=value.dtype)
             arrays[split][key][rows] = value
+        done[split][index] = True
+
+    stop = {"signal": None}
+
+    def record_signal(signum, _frame):
+        stop["signal"] = signum
+
+    previous_handlers = {signum: signal.signal(signum, record_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
 
     progress = ProgressLine(len(jobs), dataset_name) if show_progress else None
-    num_workers = min(num_workers, len(jobs))
+    num_workers = max(1, min(num_workers, len(jobs)))
     worker_args = (env_id, max_episode_steps, noise, noise_smoothing)
-    if num_workers == 1:
-        _init_worker(*worker_args)
-        results = map(_collect_job, jobs)
-        pool = None
-    else:
-        # spawn: fresh processes, safe whatever threads (MuJoCo, JAX ...) the parent runs
-        pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, worker_args)
-        results = pool.imap_unordered(_collect_job, jobs)
+    pool = None
     try:
-        for done, (split, index, episode) in enumerate(results, start=1):
+        if num_workers == 1:
+            _init_worker(*worker_args)
+            results = map(_collect_job, jobs)
+        else:
+            # spawn: fresh processes, safe whatever threads (MuJoCo, JAX ...) the parent runs
+            pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_pool_worker, worker_args)
+            results = pool.imap_unordered(_collect_job, jobs)
+        finished = 0
+        while finished < len(jobs) and stop["signal"] is None:
+            # In one process a signal stops the loop after the current episode; with workers it stops the wait at
+            # once (a scheduler's SIGTERM may also have ended the workers, and their episodes with them).
+            try:
+                split, index, episode = next(results) if pool is None else results.next(timeout=0.5)
+            except multiprocessing.TimeoutError:
+                continue
             store(split, index, episode)
+            finished += 1
             if progress:
-                progress.update(done)
+                progress.update(finished)
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
         if progress:
             progress.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+    if stop["signal"] is not None:
+        generated = int(sum(map(np.sum, done.values())))
+        if generated:
+            save_npz(partial_path, {"recipe": recipe, **partial_arrays(arrays, done)})
+            kept = f"kept {generated}/{sum(counts.values())} episodes in {partial_path}; the same command continues"
+        else:
+            kept = "no episode was finished, so nothing was kept"
+        print(f"interrupted by {signal.Signals(stop['signal']).name}: {kept}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop["signal"])
 
     for split in SPLITS:
         save_npz(paths[split], arrays[split])
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
     return paths
+
+
+def partial_arrays(arrays: dict, done: dict) -> dict:
+    """The arrays of both splits and which episodes they hold, as flat npz keys (train/observations, ...)."""
+    flat = {f"{split}/done": done[split] for split in SPLITS}
+    flat.update({f"{split}/{key}": value for split in SPLITS for key, value in arrays[split].items()})
+    return flat
+
+
+def read_partial(path: str, recipe: np.ndarray) -> tuple[dict, dict]:
+    """The episodes kept by an interrupted run, if it used the same settings (else a one-line error)."""
+    try:
+        with np.load(path) as data:
+            if not np.array_equal(data["recipe"], recipe):
+                raise SystemExit(
+                    f"error: {path} holds episodes of other settings (episode counts, length, seed or noise): give "
+                    "the same ones to continue, or --overwrite to start anew"
+                )
+            arrays, done = {split: {} for split in SPLITS}, {}
+            for name in data.files:
+                if name != "recipe":
+                    split, key = name.split("/")
+                    if key == "done":
+                        done[split] = data[name]
+                    else:
+                        arrays[split][key] = data[name]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise SystemExit(f"error: cannot read {path} ({error}); delete it or pass --overwrite to start anew")
+    return arrays, done
 
 
 def main():

@@ -2,7 +2,9 @@
 
 import importlib.util
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -160,3 +162,39 @@ def test_in_process_generation_checks_and_seeds(tmp_path):
     assert not np.array_equal(a["qpos"], b["qpos"])  # different seed, different episode
     # the train and validation episodes of one seed are different draws too
     assert not np.array_equal(a["qpos"], raw_arrays(paths["val"])["qpos"])
+
+
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "2")])
+def test_interrupted_generation_keeps_its_episodes_and_continues_to_the_same_files(tmp_path, signum, workers):
+    """Ctrl-C (one process) or SIGTERM (workers): the finished episodes go to <name>.partial.npz and the run exits
+    130 / 143 with one line; the same command continues from them and writes the files of an uninterrupted run."""
+    flags = ["--env-name", "cube-single-play-v0", "--num-episodes", "30", "--num-val-episodes", "3"]
+    flags += ["--max-episode-steps", "100", "--dataset-dir", str(tmp_path / "data"), "--num-workers", workers]
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, *flags], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    progress = ""
+    # The progress line, rewritten in place with \r: signal once two episodes are done.
+    while not any(int(done) >= 2 for done in re.findall(r"(\d+)/33 episodes", progress)):
+        character = process.stderr.read(1)
+        assert character, progress[-2000:]
+        progress += character
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"interrupted by {signal.Signals(signum).name}: kept ") and "Traceback" not in stderr
+    assert os.listdir(tmp_path / "data") == ["cube-single-play-v0.partial.npz"]
+
+    result = run_script(*flags, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "episodes already generated" in result.stdout
+    assert sorted(os.listdir(tmp_path / "data")) == ["cube-single-play-v0-val.npz", "cube-single-play-v0.npz"]
+    uninterrupted = load_script().generate_dataset(
+        "cube-single-play-v0", 30, 3, 100, str(tmp_path / "fresh"), show_progress=False
+    )
+    for split, path in uninterrupted.items():
+        fresh, continued = raw_arrays(path), raw_arrays(tmp_path / "data" / os.path.basename(path))
+        assert fresh.keys() == continued.keys()
+        for key in fresh:
+            np.testing.assert_array_equal(continued[key], fresh[key], err_msg=f"{split}/{key}")
