@@ -42,6 +42,7 @@ Example:
 import csv
 import ctypes
 import dataclasses
+import fcntl
 import functools
 import json
 import math
@@ -168,20 +169,21 @@ class RunLogger:
             self.file = open(path, "w", newline="")
             csv.writer(self.file).writerow(["global_step", "key", "value"])
         else:
-            with open(path, newline="") as f:
-                header, *rows = list(csv.reader(f))
-            kept = [row for row in rows if int(row[0]) < resume_step]
+            kept, dropped = rows_before(path, resume_step)
             with open(path + ".tmp", "w", newline="") as f:
-                csv.writer(f).writerows([header, *kept])
+                csv.writer(f).writerows([["global_step", "key", "value"], *kept])
             os.replace(path + ".tmp", path)
-            print(f"{path}: dropped {len(rows) - len(kept)} rows logged after the checkpoint (step {resume_step})")
+            print(f"{path}: dropped {dropped} rows logged after the checkpoint (step {resume_step})")
             self.file = open(path, "a", newline="")
         self.writer = csv.writer(self.file)
 
     def log(self, global_step: int, metrics: dict):
-        for key, value in metrics.items():
-            self.writer.writerow([global_step, key, float(value)])
-        self.file.flush()
+        try:
+            for key, value in metrics.items():
+                self.writer.writerow([global_step, key, float(value)])
+            self.file.flush()
+        except OSError as error:  # e.g. a full disk
+            raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror})")
         if self.wandb_run is not None:
             self.wandb_run.log({key: float(value) for key, value in metrics.items()}, step=global_step)
 
@@ -191,6 +193,33 @@ class RunLogger:
             if exit_code != 0:  # stopped by a signal: wandb shows the run as preempted, to be resumed
                 self.wandb_run.mark_preempting()
             self.wandb_run.finish(exit_code=exit_code)
+
+
+def rows_before(path: str, step: int) -> tuple[list, int]:
+    """The rows of metrics.csv logged before `step`, and how many others there are. A last row cut short (the
+    process died while writing it) counts as dropped; any other row that is not global_step,key,value stops the
+    resume with one line, before anything is changed."""
+    try:
+        with open(path, newline="") as f:
+            header, *rows = list(csv.reader(f))
+    except (OSError, ValueError, csv.Error) as error:
+        raise SystemExit(f"error: cannot read {path} ({error}); nothing was changed")
+    if header != ["global_step", "key", "value"]:
+        raise SystemExit(f"error: {path} does not start with global_step,key,value; nothing was changed")
+    kept = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            row_step, _, _ = int(row[0]), row[1], float(row[2])
+            well_formed = len(row) == 3
+        except (IndexError, ValueError):
+            well_formed = False
+        if not well_formed:
+            if line == len(rows) + 1:
+                continue  # cut short by the interruption
+            raise SystemExit(f"error: {path} line {line} is not global_step,key,value: {row}; nothing was changed")
+        if row_step < step:
+            kept.append(row)
+    return kept, len(rows) - len(kept)
 
 
 def wandb_login_available() -> bool:
@@ -820,10 +849,14 @@ def save_checkpoint(run_dir: str, agent: AgentState, step: int, wandb_id: str):
     """Writes runs/<run_name>/checkpoint.flax through a temporary file, so a crash while writing keeps the old one."""
     path = os.path.join(run_dir, "checkpoint.flax")
     data = flax.serialization.to_bytes({"script": SCRIPT, "step": step, "wandb_id": wandb_id, "agent": agent})
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:  # e.g. a full disk: the previous checkpoint is untouched
+        os.remove(path + ".tmp")
+        raise SystemExit(f"error: cannot write {path} at step {step} ({error.strerror}); the previous one is kept")
     os.replace(path + ".tmp", path)
 
 
@@ -837,6 +870,9 @@ def read_run(run_dir: str) -> tuple[dict, dict]:
     try:
         with open(os.path.join(run_dir, "args.json")) as f:
             saved_args = json.load(f)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: cannot read {run_dir}/args.json: {type(error).__name__}: {error}")
+    try:
         with open(path, "rb") as f:
             checkpoint = flax.serialization.msgpack_restore(f.read())
         script = checkpoint["script"]
@@ -845,6 +881,17 @@ def read_run(run_dir: str) -> tuple[dict, dict]:
     if script != SCRIPT:
         raise SystemExit(f"error: {run_dir} is a run of {script}, not {SCRIPT}")
     return saved_args, checkpoint
+
+
+def check_saved_types(saved: Args, path: str):
+    """One line for an args.json whose values are not of their field's type (a hand edit, say)."""
+    for field in dataclasses.fields(Args):
+        value, default = getattr(saved, field.name), field.default
+        if value is None or default is None or default is dataclasses.MISSING:
+            continue
+        expected = (int, float) if type(default) is float else type(default)
+        if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
+            raise SystemExit(f"error: {path}: {field.name} is {value!r}, not of type {type(default).__name__}")
 
 
 def parse_args() -> tuple[Args, dict | None]:
@@ -857,6 +904,7 @@ def parse_args() -> tuple[Args, dict | None]:
         saved = Args(**{**saved_args, "resume": args.resume})
     except TypeError as error:
         raise SystemExit(f"error: {args.resume}/args.json does not match this script's Args: {error}")
+    check_saved_types(saved, f"{args.resume}/args.json")
     return tyro.cli(Args, default=saved), checkpoint
 
 
@@ -875,19 +923,33 @@ def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int) -
 
 def catch_stop_signals() -> dict:
     """SIGINT (Ctrl-C) and SIGTERM (what clusters send before they preempt a job) only record the signal: the loop
-    ends after its current step, writes the checkpoint and exits. A second signal exits at once; a checkpoint being
-    written then stays a .tmp file and the previous one is kept."""
+    ends after its current step, writes the checkpoint and exits. A second Ctrl-C exits at once (a checkpoint being
+    written then stays a .tmp file and the previous one is kept); further SIGTERMs change nothing, since a scheduler
+    may send one to every process of the job and to the batch script that passes it on."""
     stop = {"signal": None}
 
     def handle(signum, _frame):
-        if stop["signal"] is not None:
-            print(f"stopped at once by a second {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        if stop["signal"] is None:
+            stop["signal"] = signum
+        elif signum == signal.SIGINT:
+            print("stopped at once by a second Ctrl-C (SIGINT)", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
-        stop["signal"] = signum
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handle)
     return stop
+
+
+def lock_run_dir(run_dir: str):
+    """Holds runs/<run_name>/.lock while the process lives (the system releases it however the process ends), so
+    that a second process started on the same run (a resume run twice at once) refuses instead of mixing the two."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, ".lock"), "w")  # noqa: SIM115  (open for the life of the run)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"error: {run_dir} is in use by another process of this run; not starting a second one")
+    return lock
 
 
 def stop_on_divergence(run_dir: str, metrics: dict, agent: AgentState, global_step: int, checkpoint_step):
@@ -1014,6 +1076,7 @@ def main():
         )
         for seed, run_dir in zip(seeds, run_dirs)
     ]
+    locks = [lock_run_dir(run_dir) for run_dir in run_dirs]  # noqa: F841  (held until the process ends)
     loggers = []
     for seed, run_dir, wandb_id in zip(seeds, run_dirs, wandb_ids):
         os.makedirs(run_dir, exist_ok=True)  # RecordVideo may have made it already

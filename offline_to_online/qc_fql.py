@@ -38,6 +38,7 @@ Example:
 
 import csv
 import dataclasses
+import fcntl
 import functools
 import json
 import netrc
@@ -146,9 +147,12 @@ class RunLogger:
             self.file.flush()
 
     def log(self, global_step: int, metrics: dict):
-        for key, value in metrics.items():
-            self.writer.writerow([global_step, key, float(value)])
-        self.file.flush()
+        try:
+            for key, value in metrics.items():
+                self.writer.writerow([global_step, key, float(value)])
+            self.file.flush()
+        except OSError as error:  # e.g. a full disk
+            raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror})")
         if self.use_wandb:
             wandb.log(metrics, step=global_step)
 
@@ -570,10 +574,16 @@ def format_eta(seconds: float) -> str:
 def save_checkpoint(run_dir: str, checkpoint: dict):
     """Writes runs/<run_name>/checkpoint.flax atomically: a crash while writing leaves the previous one intact."""
     path = os.path.join(run_dir, "checkpoint.flax")
-    with open(path + ".tmp", "wb") as f:
-        f.write(flax.serialization.to_bytes(checkpoint))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(flax.serialization.to_bytes(checkpoint))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:  # e.g. a full disk: the previous checkpoint is untouched
+        os.remove(path + ".tmp")
+        raise SystemExit(
+            f"error: cannot write {path} at step {checkpoint['step']} ({error.strerror}); the previous one is kept"
+        )
     os.replace(path + ".tmp", path)
 
 
@@ -604,7 +614,8 @@ def read_run_to_resume(run_dir: str) -> tuple[dict, dict]:
             saved_args = json.load(f)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot read {args_path}: {e}")
-    if not isinstance(saved_args, dict) or saved_args.keys() != {field.name for field in dataclasses.fields(Args)}:
+    # Older runs may lack fields added since (they take their defaults); unknown fields mean another script's run.
+    if not isinstance(saved_args, dict) or not saved_args.keys() <= {field.name for field in dataclasses.fields(Args)}:
         raise SystemExit(f"error: {args_path} does not hold the args of {script}")
     # JSON has no tuples: the hidden layer sizes come back as lists.
     return {name: tuple(value) if isinstance(value, list) else value for name, value in saved_args.items()}, checkpoint
@@ -640,18 +651,34 @@ def restore_agent(checkpoint: dict, state: AgentState, buffer: dict, dataset_siz
 
 
 def truncate_metrics(run_dir: str, step: int) -> int:
-    """Keeps the rows of metrics.csv up to `step`, those written before the checkpoint at `step` (rows come in step
-    order, labelled with the steps completed); returns how many later rows it dropped (a row cut short included)."""
+    """Keeps the rows of metrics.csv up to `step`, those written before the checkpoint at `step` (rows are labelled
+    with the steps completed); returns how many it dropped. A last row cut short (the process died while writing it)
+    is dropped; any other row that is not global_step,key,value stops the resume with one line, changing nothing."""
     path = os.path.join(run_dir, "metrics.csv")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))[1:]
-    kept = 0
-    while kept < len(rows) and len(rows[kept]) == 3 and int(rows[kept][0]) <= step:
-        kept += 1
+    try:
+        with open(path, newline="") as f:
+            header, *rows = list(csv.reader(f))
+    except (OSError, ValueError, csv.Error) as error:
+        raise SystemExit(f"error: cannot read {path} ({error}); nothing was changed")
+    if header != ["global_step", "key", "value"]:
+        raise SystemExit(f"error: {path} does not start with global_step,key,value; nothing was changed")
+    kept = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            row_step, _, _ = int(row[0]), row[1], float(row[2])
+            well_formed = len(row) == 3
+        except (IndexError, ValueError):
+            well_formed = False
+        if not well_formed:
+            if line == len(rows) + 1:
+                continue  # cut short by the interruption
+            raise SystemExit(f"error: {path} line {line} is not global_step,key,value: {row}; nothing was changed")
+        if row_step <= step:
+            kept.append(row)
     with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([["global_step", "key", "value"], *rows[:kept]])
+        csv.writer(f).writerows([["global_step", "key", "value"], *kept])
     os.replace(path + ".tmp", path)
-    return len(rows) - kept
+    return len(rows) - len(kept)
 
 
 def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
@@ -672,18 +699,32 @@ def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
 def catch_stop_signals() -> dict:
     """SIGINT (Ctrl-C) and SIGTERM (what clusters send before they preempt a job) only record the signal: the run
     ends after its current block of offline updates or environment step, writes the checkpoint and exits. A second
-    signal exits at once; a checkpoint being written then stays a .tmp file and the previous one is kept."""
+    Ctrl-C exits at once (a checkpoint being written then stays a .tmp file and the previous one is kept); further
+    SIGTERMs change nothing, since a scheduler may send one to every process of the job and to the batch script."""
     stop = {"signal": None}
 
     def handle(signum, _frame):
-        if stop["signal"] is not None:
-            print(f"stopped at once by a second {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+        if stop["signal"] is None:
+            stop["signal"] = signum
+        elif signum == signal.SIGINT:
+            print("stopped at once by a second Ctrl-C (SIGINT)", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
-        stop["signal"] = signum
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, handle)
     return stop
+
+
+def lock_run_dir(run_dir: str):
+    """Holds runs/<run_name>/.lock while the process lives (the system releases it however the process ends), so
+    that a second process started on the same run (a resume run twice at once) refuses instead of mixing the two."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = open(os.path.join(run_dir, ".lock"), "w")  # noqa: SIM115  (open for the life of the run)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        raise SystemExit(f"error: {run_dir} is in use by another process of this run; not starting a second one")
+    return lock
 
 
 def stop_on_divergence(run_dir: str, step: int, metrics: dict, state: AgentState, checkpoint_step: int | None):
@@ -705,13 +746,26 @@ def stop_on_divergence(run_dir: str, step: int, metrics: dict, state: AgentState
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_saved_types(saved: Args, path: str):
+    """One line for an args.json whose values are not of their field's type (a hand edit, say)."""
+    for field in dataclasses.fields(Args):
+        value, default = getattr(saved, field.name), field.default
+        if value is None or default is None or default is dataclasses.MISSING:
+            continue
+        expected = (int, float) if type(default) is float else type(default)
+        if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
+            raise SystemExit(f"error: {path}: {field.name} is {value!r}, not of type {type(default).__name__}")
+
+
 def main():
     args = tyro.cli(Args)
     checkpoint = None
     if args.resume is not None:
         saved_args, checkpoint = read_run_to_resume(args.resume)
         # The saved args become the defaults of a second parse, so the flags given on this command line win.
-        args = tyro.cli(Args, default=Args(**{**saved_args, "resume": args.resume}))
+        saved = Args(**{**saved_args, "resume": args.resume})
+        check_saved_types(saved, os.path.join(args.resume, "args.json"))
+        args = tyro.cli(Args, default=saved)
     for name in (
         "horizon_length",
         "batch_size",
@@ -785,8 +839,8 @@ def main():
     del dataset
     key = jax.random.key(args.seed)
     checkpoint_path = os.path.join(run_dir, "checkpoint.flax")
+    lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process ends)
     if checkpoint is None:
-        os.makedirs(run_dir)
         last_checkpoint_step, wandb_run_id = None, None
     else:
         state, key, buffer = restore_agent(checkpoint, state, buffer, dataset_size, checkpoint_path)

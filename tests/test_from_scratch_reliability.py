@@ -170,14 +170,16 @@ def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["sac", "sac_flow_transformer"])
-def test_first_signal_is_recorded_and_a_second_one_exits_at_once(script):
+def test_first_signal_is_recorded_and_a_second_ctrl_c_exits_at_once(script):
     module = load_script(script)
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         stop = module.catch_stop_signals()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop["signal"] == signal.SIGTERM  # recorded; the loop ends after its step
-        with pytest.raises(SystemExit) as stopped:
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's second SIGTERM changes nothing
+        assert stop["signal"] == signal.SIGTERM
+        with pytest.raises(SystemExit) as stopped:  # a second Ctrl-C stops at once
             os.kill(os.getpid(), signal.SIGINT)
         assert stopped.value.code == 128 + signal.SIGINT
     finally:
@@ -231,9 +233,9 @@ def test_divergence_stops_at_once_and_keeps_the_last_checkpoint(script, tmp_path
     assert (run_dir / "nonfinite_state.flax").stat().st_size > 0
 
 
-def write_fake_run(run_dir, script_name: str | None, checkpoint: bytes | None = None):
+def write_fake_run(run_dir, script_name: str | None, checkpoint: bytes | None = None, args_json: str = "{}"):
     run_dir.mkdir(parents=True)
-    (run_dir / "args.json").write_text("{}")
+    (run_dir / "args.json").write_text(args_json)
     if checkpoint is None and script_name is not None:
         checkpoint = flax.serialization.to_bytes({"script": script_name, "step": 10, "wandb_id": "", "agent": {}})
     if checkpoint is not None:
@@ -245,6 +247,16 @@ BAD_RESUMES = {
     "no checkpoint": (lambda d: write_fake_run(d, None), [], "has no checkpoint.flax"),
     "another script's run": (lambda d: write_fake_run(d, "sac_flow_gru.py"), [], "is a run of sac_flow_gru.py"),
     "corrupt checkpoint": (lambda d: write_fake_run(d, None, b"\x00garbage"), [], "cannot read"),
+    "truncated args.json": (
+        lambda d: write_fake_run(d, "sac_flow_naive.py", args_json='{"seed": 1, "env_id": "Hop'),
+        [],
+        "cannot read run/args.json",
+    ),
+    "hand-edited args.json": (
+        lambda d: write_fake_run(d, "sac_flow_naive.py", args_json='{"batch_size": "256"}'),
+        [],
+        "batch_size is '256', not of type int",
+    ),
     "several seeds": (lambda d: write_fake_run(d, "sac_flow_naive.py"), ["--num-seeds", "2"], "--num-seeds"),
     "already finished": (
         lambda d: write_fake_run(d, "sac_flow_naive.py"),
@@ -260,3 +272,85 @@ def test_bad_resume_is_one_line_and_nonzero_exit(case, tmp_path):
     make_run(tmp_path / "run")
     result = run_script(FROM_SCRATCH / "sac_flow_naive.py", "--resume", "run", *flags, cwd=tmp_path, timeout=120)
     assert_one_line_error(result, mentioned)
+
+
+# ---------------------------------------------------------------------------------------------------- lost work
+# The helpers that guard a long run's files, in both folders (in-process: no training is needed to show them).
+GUARDED = [("from_scratch", "sac_flow_gru"), ("offline_to_online", "qc_fql")]
+
+
+def load_guarded(folder: str, script: str):
+    return load_script(script, FROM_SCRATCH.parent / folder)
+
+
+def keep_metrics_before(module, run_dir, step: int) -> int:
+    """The folder's own way of cutting metrics.csv at a checkpoint of `step`; returns the rows dropped."""
+    if hasattr(module, "truncate_metrics"):  # offline_to_online: rows up to the checkpoint's step are kept
+        return module.truncate_metrics(str(run_dir), step - 1)
+    logger = module.RunLogger(str(run_dir), None, resume_step=step)
+    logger.close()
+    return None
+
+
+@pytest.mark.parametrize("folder, script", GUARDED)
+def test_resume_drops_a_row_cut_short_and_refuses_a_hand_edited_one(folder, script, tmp_path, capsys):
+    module = load_guarded(folder, script)
+    metrics = tmp_path / "metrics.csv"
+    good = "global_step,key,value\n9,losses/qf_loss,1.5\n19,losses/qf_loss,1.25\n29,losses/qf_loss,1.0\n"
+    metrics.write_text(good + "39,losses/qf")  # the process died while writing this row
+    keep_metrics_before(module, tmp_path, 20)
+    assert metrics.read_text() == "global_step,key,value\n9,losses/qf_loss,1.5\n19,losses/qf_loss,1.25\n"
+
+    edited = good.replace("19,losses/qf_loss,1.25", "19;losses/qf_loss;1.25")
+    metrics.write_text(edited)
+    with pytest.raises(SystemExit) as stopped:
+        keep_metrics_before(module, tmp_path, 20)
+    assert str(stopped.value.code).startswith("error: ") and "line 3" in str(stopped.value.code)
+    assert metrics.read_text() == edited  # nothing was changed
+
+
+@pytest.mark.parametrize("folder, script", GUARDED)
+def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_previous_checkpoint(
+    folder, script, tmp_path, monkeypatch
+):
+    module = load_guarded(folder, script)
+    checkpoint = tmp_path / "checkpoint.flax"
+
+    def save(step):
+        if folder == "from_scratch":
+            module.save_checkpoint(str(tmp_path), {"x": np.arange(3.0)}, step, "id")
+        else:
+            module.save_checkpoint(str(tmp_path), {"step": step, "x": np.arange(3.0)})
+
+    save(100)
+    previous = checkpoint.read_bytes()
+
+    def no_space(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.os, "fsync", no_space)
+    with pytest.raises(SystemExit) as stopped:
+        save(200)
+    message = str(stopped.value.code)
+    assert message.startswith("error: cannot write") and "No space left on device" in message and "\n" not in message
+    assert checkpoint.read_bytes() == previous and not (tmp_path / "checkpoint.flax.tmp").exists()
+
+    logger = (
+        module.RunLogger(str(tmp_path), None) if folder == "from_scratch" else module.RunLogger(str(tmp_path), False)
+    )
+    monkeypatch.setattr(logger, "file", type("FullDisk", (), {"write": no_space, "flush": no_space, "name": "m"})())
+    logger.writer = csv.writer(logger.file)
+    with pytest.raises(SystemExit) as stopped:
+        logger.log(300, {"losses/qf_loss": 1.0})
+    assert str(stopped.value.code) == "error: cannot write m at step 300 (No space left on device)"
+
+
+@pytest.mark.parametrize("folder, script", GUARDED)
+def test_a_second_process_on_the_same_run_refuses(folder, script, tmp_path):
+    module = load_guarded(folder, script)
+    first = module.lock_run_dir(str(tmp_path))
+    with pytest.raises(SystemExit) as stopped:
+        module.lock_run_dir(str(tmp_path))
+    assert "in use by another process" in str(stopped.value.code)
+    first.close()  # the first process ends
+    module.lock_run_dir(str(tmp_path)).close()
