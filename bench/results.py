@@ -96,6 +96,8 @@ def as_flags(flags: dict, out: str) -> list[str]:
     for flag, value in (flags or {}).items():
         if isinstance(value, bool):
             result.append(f"--{flag}" if value else f"--no-{flag}")
+        elif isinstance(value, list):  # a tuple-valued flag: --critic-hidden-dims 256 256
+            result += [f"--{flag}", *(expand(item, out) for item in value)]
         else:
             result += [f"--{flag}", expand(value, out)]
     return result

@@ -1,0 +1,68 @@
+"""bench/results.py: protocols expand to the runs a user would type, and a protocol interrupted and started again
+resumes its run, skips the finished ones and writes the summary."""
+
+import csv
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, load_script, script_environment
+
+RESULTS = load_script("results", REPO / "bench")
+TINY_PROTOCOL = """
+metrics: [eval/episodic_return]
+checkpoint_every: 200
+random_policy_episodes: 2
+groups:
+  - scripts: [from_scratch/sac.py, {script: from_scratch/sac.py, name: sac_wide, flags: {actor-hidden: 64}}]
+    env_flag: env-id
+    envs: [Pendulum-v1]
+    seeds: [1]
+    flags: {total-timesteps: 600, learning-starts: 200, batch-size: 16, critic-hidden: 32, actor-hidden: 32,
+            buffer-size: 1000, eval-every: 200, eval-episodes: 1, console-every: 100}
+"""
+
+
+@pytest.mark.parametrize("name", ["cpu-from-scratch", "cpu-offline-to-online", "paper"])
+def test_every_protocol_parses_with_each_script_s_own_args(name):
+    """Each run's flags parse with the script's own Args (the flag names and values a protocol gives exist)."""
+    _, protocol = RESULTS.load_protocol(name)
+    runs = RESULTS.protocol_runs(protocol, "/tmp/out")
+    assert len({run.key for run in runs}) == len(runs)
+    for run in runs:
+        module = load_script(run.script.split("/")[1].removesuffix(".py"), REPO / run.script.split("/")[0])
+        args = module.tyro.cli(module.Args, args=run.flags)
+        assert args.exp_name == run.name and args.seed == run.seed and args.checkpoint_every > 0
+
+
+def test_protocol_flags_expand_lists_and_booleans():
+    flags = RESULTS.as_flags({"critic-hidden-dims": [256, 256], "track": True, "autotune": False, "x": "{out}/d"}, "o")
+    assert flags == ["--critic-hidden-dims", "256", "256", "--track", "--no-autotune", "--x", "o/d"]
+
+
+def test_interrupted_protocol_resumes_and_summarises(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_PROTOCOL)
+    command = [sys.executable, str(REPO / "bench" / "results.py"), "--protocol", str(tmp_path / "tiny.yaml")]
+    command += ["--out", str(tmp_path / "out"), "--summary-dir", str(tmp_path / "summary")]
+    process = subprocess.Popen(command, cwd=tmp_path, env=script_environment(), stdout=subprocess.PIPE, text=True)
+    for line in process.stdout:  # stop the second run half-way
+        if "run 2/2" in line:
+            for line in process.stdout:
+                if "step 300/600" in line:
+                    process.send_signal(signal.SIGINT)
+                    break
+            break
+    process.communicate(timeout=300)
+    assert process.returncode == 130
+    state = RESULTS.read_state(str(tmp_path / "out"))
+    assert state["sac/Pendulum-v1/1"]["done"] and not state["sac_wide/Pendulum-v1/1"]["done"]
+
+    again = subprocess.run(command, cwd=tmp_path, env=script_environment(), capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming" in again.stdout and "run 1/2" not in again.stdout  # the finished run is skipped
+    with open(tmp_path / "summary" / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    steps = {(row["script"], int(row["step"])) for row in rows}
+    assert steps >= {("sac", 600), ("sac_wide", 200), ("sac_wide", 600), ("random", 0)}
+    assert (tmp_path / "summary" / "eval_episodic_return.png").exists()
