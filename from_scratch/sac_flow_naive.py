@@ -52,11 +52,13 @@ import flax.linen as nn
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
+import mujoco
 import numpy as np
 import optax
 import tyro
 import wandb
 from flax.training.train_state import TrainState
+from gymnasium.envs.mujoco import MujocoEnv
 
 
 @dataclass
@@ -806,10 +808,11 @@ def evaluate(env: gym.Env, evaluation_action, params, batch_stats, episodes: int
 SCRIPT = os.path.basename(__file__)
 
 
-def save_checkpoint(run_dir: str, agent: AgentState, step: int, wandb_id: str):
+def save_checkpoint(run_dir: str, agent: AgentState, step: int, wandb_id: str, environment: dict):
     """Writes runs/<run_name>/checkpoint.flax through a temporary file, so a crash while writing keeps the old one."""
     path = os.path.join(run_dir, "checkpoint.flax")
-    data = flax.serialization.to_bytes({"script": SCRIPT, "step": step, "wandb_id": wandb_id, "agent": agent})
+    checkpoint = {"script": SCRIPT, "step": step, "wandb_id": wandb_id, "agent": agent, "environment": environment}
+    data = flax.serialization.to_bytes(checkpoint)
     try:
         with open(path + ".tmp", "wb") as f:
             f.write(data)
@@ -819,6 +822,52 @@ def save_checkpoint(run_dir: str, agent: AgentState, step: int, wandb_id: str):
         os.remove(path + ".tmp")
         raise SystemExit(f"error: cannot write {path} at step {step} ({error.strerror}); the previous one is kept")
     os.replace(path + ".tmp", path)
+
+
+SIMULATOR_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: a restored step is bitwise the same
+
+
+def find_wrapper(env: gym.Env, wrapper_type: type) -> gym.Wrapper:
+    while not isinstance(env, wrapper_type):
+        env = env.env
+    return env
+
+
+def environment_state(env: gym.Env, eval_env: gym.Env, obs, action) -> dict:
+    """What continues the training episode exactly after a resume: MuJoCo's full simulator state, the random
+    generators of both environments and of the action space, the time-limit and episode-return counters, and the
+    loop's observation and next action. (Other simulators have no such state: their episode ends at a resume.)"""
+    generators = [env.unwrapped.np_random, eval_env.unwrapped.np_random, env.action_space.np_random]
+    statistics = find_wrapper(env, gym.wrappers.RecordEpisodeStatistics)
+    state = {
+        "generators": json.dumps([generator.bit_generator.state for generator in generators]),
+        "counters": np.array(
+            [find_wrapper(env, gym.wrappers.TimeLimit)._elapsed_steps, statistics.episode_lengths], np.int64
+        ),
+        "episode_return": np.float64(statistics.episode_returns),
+        "obs": np.asarray(obs),
+        "action": np.asarray(action),
+    }
+    if isinstance(env.unwrapped, MujocoEnv):
+        model, data = env.unwrapped.model, env.unwrapped.data
+        state["simulator"] = np.empty(mujoco.mj_stateSize(model, SIMULATOR_STATE))
+        mujoco.mj_getState(model, data, state["simulator"], SIMULATOR_STATE)
+    return state
+
+
+def restore_environment(env: gym.Env, eval_env: gym.Env, state: dict) -> bool:
+    """Puts a checkpoint's environment_state back after both environments were made and reset; False (nothing
+    changed) when it holds no simulator state: the resumed run then starts a new episode."""
+    if "simulator" not in state or not isinstance(env.unwrapped, MujocoEnv):
+        return False
+    generators = [env.unwrapped.np_random, eval_env.unwrapped.np_random, env.action_space.np_random]
+    for generator, generator_state in zip(generators, json.loads(state["generators"])):
+        generator.bit_generator.state = generator_state
+    mujoco.mj_setState(env.unwrapped.model, env.unwrapped.data, np.asarray(state["simulator"]), SIMULATOR_STATE)
+    statistics = find_wrapper(env, gym.wrappers.RecordEpisodeStatistics)
+    find_wrapper(env, gym.wrappers.TimeLimit)._elapsed_steps, statistics.episode_lengths = map(int, state["counters"])
+    statistics.episode_returns = float(state["episode_return"])
+    return True
 
 
 def read_run(run_dir: str) -> tuple[dict, dict]:
@@ -869,8 +918,9 @@ def parse_args() -> tuple[Args, dict | None]:
     return tyro.cli(Args, default=saved), checkpoint
 
 
-def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int) -> AgentState:
-    """The checkpoint's agent, as a list of one seed; its interrupted episode ends (the environment starts anew)."""
+def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int, episode_continues: bool):
+    """The checkpoint's agent, as a list of one seed; unless the environment continues its episode exactly, the
+    interrupted episode ends in the replay buffer as a truncation (the environment starts anew)."""
     target = create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
     try:
         agent = flax.serialization.from_state_dict(target, checkpoint["agent"])
@@ -878,7 +928,8 @@ def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int) -
         raise SystemExit(f"error: {args.resume}/checkpoint.flax does not match these args: {error}")
     if [np.shape(x) for x in jax.tree.leaves(agent)] != [np.shape(x) for x in jax.tree.leaves(target)]:
         raise SystemExit(f"error: {args.resume}/checkpoint.flax does not match these args (network or buffer sizes)")
-    agent = agent.replace(buffer=buffer_end_episode(agent.buffer))
+    if not episode_continues:
+        agent = agent.replace(buffer=buffer_end_episode(agent.buffer))
     return [jax.tree.map(jnp.asarray, agent)]
 
 
@@ -1009,7 +1060,8 @@ def main():
         run_dirs = [args.resume]
         wandb_ids = [checkpoint["wandb_id"]]
         print(f"resuming {args.resume} from its checkpoint at step {start_step}")
-    # A resumed run's environments start new episodes, from seeds of their own.
+    # A resumed run's environments start new episodes, from seeds of their own, unless the checkpoint continues the
+    # episode exactly (MuJoCo tasks: restore_environment below).
     envs = [make_env(args.env_id, seed + start_step) for seed in seeds]
     largest_entropy = max_path_entropy(  # refused before anything is written
         (envs[0].action_space.high - envs[0].action_space.low) / 2,
@@ -1061,16 +1113,19 @@ def main():
     action_bias = (envs[0].action_space.high + envs[0].action_space.low) / 2
     keys = [jax.random.split(jax.random.PRNGKey(seed)) for seed in seeds]
     eval_keys = [eval_key for _, eval_key in keys]
+    obs = np.stack([env.reset()[0] for env in envs])
+    actions = np.stack([env.action_space.sample() for env in envs])
     if checkpoint is None:
         agents = [create_agent(args, key, obs_dim, action_dim) for key, _ in keys]
     else:
-        agents = restore_agent(args, checkpoint, obs_dim, action_dim)
+        episode_continues = restore_environment(envs[0], eval_envs[0], checkpoint.get("environment", {}))
+        if episode_continues:
+            obs, actions = checkpoint["environment"]["obs"][None], checkpoint["environment"]["action"][None]
+        agents = restore_agent(args, checkpoint, obs_dim, action_dim, episode_continues)
     train_step, add_transition, evaluation_action, *_ = make_train_functions(
         args, action_dim, action_scale, action_bias
     )
 
-    obs = np.stack([env.reset()[0] for env in envs])
-    actions = np.stack([env.action_space.sample() for env in envs])
     checkpoint_step = None if checkpoint is None else start_step
     stop = catch_stop_signals()
     start_time = window_time = time.time()
@@ -1147,7 +1202,8 @@ def main():
         # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             for i, run_dir in enumerate(run_dirs):
-                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
+                environment = environment_state(envs[i], eval_envs[i], obs[i], actions[i])
+                save_checkpoint(run_dir, agents[i], step, wandb_ids[i], environment)
             checkpoint_step = step
         if stop["signal"] is not None:
             break
@@ -1155,7 +1211,8 @@ def main():
     if stop["signal"] is not None:
         if args.checkpoint_on_exit and checkpoint_step != step:
             for i, run_dir in enumerate(run_dirs):
-                save_checkpoint(run_dir, agents[i], step, wandb_ids[i])
+                environment = environment_state(envs[i], eval_envs[i], obs[i], actions[i])
+                save_checkpoint(run_dir, agents[i], step, wandb_ids[i], environment)
             checkpoint_step = step
         for env, eval_env, logger in zip(envs, eval_envs, loggers):
             env.close()

@@ -142,7 +142,7 @@ def start_and_signal_after(script, flags: list[str], cwd, signum: int, console_l
 def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
     """SIGINT in the random phase (no --checkpoint-every), then SIGTERM while training: each finishes its step,
     writes the checkpoint, prints the exact --resume command in one line and exits 130 / 143; the run resumed as
-    printed ends like an uninterrupted one, with no step logged twice."""
+    printed writes the rows of an uninterrupted run of the same seed, each step once."""
     path = FROM_SCRATCH / f"{script}.py"
     flags = tiny_flags(script, 600, "--learning-starts", "300")
     status, stderr = start_and_signal_after(path, flags, tmp_path, signal.SIGINT, "step 200/600")
@@ -167,6 +167,11 @@ def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
     steps = [s for s, _, _ in rows]
     assert steps == sorted(steps) and steps[-1] == 599
     assert {key for _, key, _ in rows} >= {"losses/qf_loss", "eval/episodic_return", "charts/episodic_return"}
+    # The checkpoints hold the simulator's state: interrupted twice, the run is the uninterrupted one, row for row.
+    (tmp_path / "uninterrupted").mkdir()
+    uninterrupted = run_script(path, *flags, cwd=tmp_path / "uninterrupted")
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert rows == metric_rows(run_dirs(tmp_path / "uninterrupted")[0])
 
 
 @pytest.mark.parametrize("script", ["sac", "sac_flow_transformer"])
