@@ -323,7 +323,7 @@ def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_prev
 
     def save(step):
         if folder == "from_scratch":
-            module.save_checkpoint(str(tmp_path), {"x": np.arange(3.0)}, step, "id")
+            module.save_checkpoint(str(tmp_path), {"x": np.arange(3.0)}, step, "id", {})
         else:
             module.save_checkpoint(str(tmp_path), {"step": step, "x": np.arange(3.0)})
 
