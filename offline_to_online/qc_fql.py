@@ -154,7 +154,7 @@ class RunLogger:
         except OSError as error:  # e.g. a full disk
             raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror})")
         if self.use_wandb:
-            wandb.log(metrics, step=global_step)
+            wandb.log({key: float(value) for key, value in metrics.items()}, step=global_step)
 
     def close(self, exit_code: int = 0):
         self.file.close()

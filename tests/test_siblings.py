@@ -1,0 +1,86 @@
+"""The scripts of a folder repeat each other by design (each one is self-contained, as cleanrl's): this keeps the
+repetition in step. Every top-level definition (function, class, constant) that two scripts of a folder share by name
+must have the same source text in both, except the few that are declared here as meant to differ."""
+
+import ast
+import functools
+import itertools
+
+import pytest
+from conftest import REPO
+
+FLOW_SCRIPTS = ("sac_flow_naive", "sac_flow_gru", "sac_flow_transformer")
+# What the flow scripts of a folder may write differently: the velocity network and what sizes it.
+FLOW_DIFFERENCES = {
+    "from_scratch": {"Args", "VelocityNet", "FlowPolicy", "make_networks", "check_args"},
+    "offline_to_online": {"Args", "VelocityNet", "make_agent", "check_args"},
+}
+# The baseline of each folder (Gaussian SAC, QC-FQL) shares the plumbing, not the policy or its updates.
+BASELINES = {
+    "from_scratch": (
+        "sac",
+        {"Args", "TrainFunctions", "check_args", "create_agent", "main", "make_networks", "make_train_functions"}
+        | {"squash"},  # a Gaussian's squash also returns the pre-tanh mean
+    ),
+    "offline_to_online": (
+        "qc_fql",
+        {"Args", "AgentState", "main", "make_agent", "offline_updates", "online_collect", "online_step"}
+        | {"sample_chunks", "is_finite", "nonfinite_quantity"},  # QC-FQL has no α and two policies
+    ),
+}
+
+
+@functools.cache
+def top_level_definitions(path) -> dict[str, str]:
+    """name -> source text (decorators included) of each top-level def, class and assignment of a script."""
+    source = path.read_text()
+    lines = source.splitlines()
+    definitions = {}
+    for node in ast.parse(source).body:
+        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+        text = "\n".join(lines[first - 1 : node.end_lineno])
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            definitions[node.name] = text
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name):
+                    definitions[target.id] = text
+    return definitions
+
+
+def sibling_pairs():
+    for folder, differences in FLOW_DIFFERENCES.items():
+        for a, b in itertools.combinations(FLOW_SCRIPTS, 2):
+            yield folder, a, b, differences
+        baseline, baseline_differences = BASELINES[folder]
+        for flow in FLOW_SCRIPTS:
+            yield folder, baseline, flow, differences | baseline_differences
+
+
+def differing_definitions(folder: str, a: str, b: str, meant_to_differ: set) -> list[str]:
+    defs_a = top_level_definitions(REPO / folder / f"{a}.py")
+    defs_b = top_level_definitions(REPO / folder / f"{b}.py")
+    shared = (defs_a.keys() & defs_b.keys()) - meant_to_differ
+    return sorted(name for name in shared if defs_a[name] != defs_b[name])
+
+
+@pytest.mark.parametrize(
+    "folder, a, b, meant_to_differ", list(sibling_pairs()), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_shared_definitions_are_the_same_text(folder, a, b, meant_to_differ):
+    differing = differing_definitions(folder, a, b, meant_to_differ)
+    assert not differing, (
+        f"{folder}/{a}.py and {folder}/{b}.py define {', '.join(differing)} differently: make the same edit in "
+        f"every script of {folder}/ that has it (or, if it is meant to differ, declare it in {__name__})"
+    )
+
+
+@pytest.mark.parametrize("folder", list(FLOW_DIFFERENCES))
+def test_every_declared_difference_still_differs(folder):
+    """A definition declared as meant to differ that no longer does should leave the list (so the list stays short)."""
+    baseline, baseline_differences = BASELINES[folder]
+    scripts = [baseline, *FLOW_SCRIPTS]
+    definitions = {script: top_level_definitions(REPO / folder / f"{script}.py") for script in scripts}
+    for name in FLOW_DIFFERENCES[folder] | baseline_differences:
+        texts = {definitions[script][name] for script in scripts if name in definitions[script]}
+        assert len(texts) > 1, f"{name} is the same in every script of {folder}/ that has it: remove it from the list"
