@@ -383,7 +383,7 @@ class FlowPolicy(nn.Module):
         self.velocity = VelocityNet(self.action_dim, self.d_model, self.n_heads, self.n_layers)
         if self.noise_std <= 0:
             self.log_sigma_hidden = nn.Dense(256)
-            # Zero weights: σ starts at the middle of its log range, e^-2.33 ≈ 0.10 (the paper's fixed σ), in every state.
+            # Zero weights: σ starts at the middle of its log range, e^-2.33 ≈ 0.10 (the paper's fixed σ).
             self.log_sigma_out = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)
 
     def velocity_at(self, state, action, t):
