@@ -136,7 +136,7 @@ class Args:
     """also log the actor loss's gradient norm w.r.t. each flow step's A_k (grad/actor_wrt_A_k<k>) and w.r.t. the
     velocity network's parameters (grad/actor_params), from a second backward pass at every actor update"""
     console_every: int = 5_000
-    """environment steps between console progress lines"""
+    """environment steps between charts/SPS rows and console progress lines (a line also comes every 30 s)"""
     num_seeds: int = 1
     """train this many independent agents (seeds seed, seed+1, ...) in one process, one jitted train step;
     each seed writes its own runs/<run_name>/ (and, with --track, its own wandb run in one group)"""
@@ -981,6 +981,12 @@ def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int, e
     return [jax.tree.map(jnp.asarray, agent)]
 
 
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
 def catch_stop_signals() -> dict:
     """SIGINT (Ctrl-C) and SIGTERM (what clusters send before they preempt a job) only record the signal: the loop
     ends after its current step, writes the checkpoint and exits. A second Ctrl-C exits at once (a checkpoint being
@@ -1180,6 +1186,8 @@ def main():
     start_time = window_time = time.time()
     window_start_step = start_step
     latest_returns = [float("nan")] * args.num_seeds
+    # The console's rate and ETA are those of the current phase (random actions, then training), without evaluations.
+    phase = {"start_time": time.time(), "start_step": start_step, "printed": time.time(), "compiled": False}
     for global_step in range(start_step, args.total_timesteps):
         next_obs, rewards, terminations, episode_ends, policy_obs = [], [], [], [], []
         for i, env in enumerate(envs):
@@ -1228,13 +1236,31 @@ def main():
             sps = (step - window_start_step) / (now - window_time)
             for logger in loggers:
                 logger.log(global_step, {"charts/SPS": sps})
-            eta = (args.total_timesteps - step) / max(sps, 1e-9)
-            returns = ", ".join(f"{r:.1f}" for r in latest_returns)
+            window_time, window_start_step = now, step
+        # Steps 1 .. learning_starts − 1 act at random; then each step trains. The first train step of a process
+        # compiles it: its line says so, and the training rate is measured from after it.
+        random_phase = step < args.learning_starts
+        phase_last_step = args.learning_starts - 1 if random_phase else args.total_timesteps
+        now = time.time()
+        if not random_phase and not phase["compiled"]:
+            seconds = now - phase["printed"]  # since the last random step's line, or the start
             print(
-                f"step {step}/{args.total_timesteps} | SPS {sps:.1f} | ETA {eta / 3600:.1f}h | latest return {returns}",
+                f"step {step}/{args.total_timesteps} | training: compiled and took the first step in {seconds:.0f}s",
                 flush=True,
             )
-            window_time, window_start_step = now, step
+            phase.update(start_time=now, start_step=step, printed=now, compiled=True)
+        elif step % args.console_every == 0 or step == phase_last_step or now - phase["printed"] >= 30:
+            rate = (step - phase["start_step"]) / (now - phase["start_time"])
+            eta = format_duration((phase_last_step - step) / max(rate, 1e-9))
+            returns = ", ".join(f"{r:.1f}" for r in latest_returns)
+            print(
+                f"step {step}/{args.total_timesteps} | {'random actions' if random_phase else 'training'}: "
+                f"{rate:.1f} steps/s, {eta} left | latest return {returns}",
+                flush=True,
+            )
+            phase["printed"] = now
+            if step == phase_last_step:
+                phase.update(start_time=now, start_step=step)
         if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_timesteps):
             eval_start = time.time()
             eval_returns = []
@@ -1248,6 +1274,7 @@ def main():
             returns = ", ".join(f"{r:.1f}" for r in eval_returns)
             print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)
             window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
+            phase["start_time"] += time.time() - eval_start
         # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             for i, run_dir in enumerate(run_dirs):

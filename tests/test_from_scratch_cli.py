@@ -69,6 +69,9 @@ def test_end_to_end_run_writes_the_local_log(script, tmp_path):
     steps = [int(row["global_step"]) for row in rows]
     assert steps == sorted(steps) and steps[-1] == 399
     assert "step 400/400" in result.stdout
+    # Progress names its phase, and the first train step's line says that it compiled (its rate is not the phase's).
+    assert "step 199/400 | random actions: " in result.stdout
+    assert "step 200/400 | training: compiled and took the first step in " in result.stdout
 
 
 BAD_INPUTS = {
