@@ -62,6 +62,28 @@ def run_script(script: Path, *flags: str, cwd: Path, env: dict | None = None, ti
     )
 
 
+def run_and_signal(script: Path, flags: list[str], cwd, console_line: str, signum: int, env: dict | None = None):
+    """Runs a script as run_script does and sends it `signum` once it has printed `console_line`; returns its exit
+    status and stderr."""
+    process = subprocess.Popen(
+        [sys.executable, str(script), *flags],
+        cwd=cwd,
+        env=script_environment(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if console_line in line:
+                process.send_signal(signum)
+                break
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    return process.returncode, stderr
+
+
 @pytest.fixture(scope="session")
 def dataset_dir(tmp_path_factory):
     """A tiny OGBench play dataset (2 episodes of 100 steps, 1 validation episode) made by the project's generator."""

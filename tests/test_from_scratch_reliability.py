@@ -13,7 +13,7 @@ import time
 import flax
 import numpy as np
 import pytest
-from conftest import FROM_SCRATCH, load_script, run_script, script_environment
+from conftest import FROM_SCRATCH, load_script, run_and_signal, run_script, script_environment
 
 SMALL_NETWORKS = {
     "sac": ["--actor-hidden", "32"],
@@ -117,27 +117,6 @@ def test_resume_after_sigkill_continues_without_duplicate_rows(tmp_path):
     assert all(np.isfinite(value) for _, _, value in rows)
 
 
-def start_and_signal_after(script, flags: list[str], cwd, signum: int, console_line: str) -> tuple[int, str]:
-    """Starts the script, sends `signum` once it has printed `console_line`; its exit status and stderr."""
-    process = subprocess.Popen(
-        [sys.executable, str(script), *flags],
-        cwd=cwd,
-        env=script_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        for line in process.stdout:
-            if console_line in line:
-                process.send_signal(signum)
-                break
-        _, stderr = process.communicate(timeout=300)
-    finally:
-        process.kill()
-    return process.returncode, stderr
-
-
 @pytest.mark.parametrize("script", ["sac", "sac_flow_gru"])
 def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
     """SIGINT in the random phase (no --checkpoint-every), then SIGTERM while training: each finishes its step,
@@ -145,7 +124,7 @@ def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
     printed writes the rows of an uninterrupted run of the same seed, each step once."""
     path = FROM_SCRATCH / f"{script}.py"
     flags = tiny_flags(script, 600, "--learning-starts", "300")
-    status, stderr = start_and_signal_after(path, flags, tmp_path, signal.SIGINT, "step 200/600")
+    status, stderr = run_and_signal(path, flags, tmp_path, "step 200/600", signal.SIGINT)
     assert status == 130, stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     last_line = stderr.strip().splitlines()[-1]
@@ -156,7 +135,7 @@ def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
     assert 200 <= first_stop < 300  # in the random phase, where no checkpoint was asked for
 
     resume_flags = command.split()[2:]
-    status, stderr = start_and_signal_after(path, resume_flags, tmp_path, signal.SIGTERM, "step 400/600")
+    status, stderr = run_and_signal(path, resume_flags, tmp_path, "step 400/600", signal.SIGTERM)
     assert status == 143 and "interrupted by SIGTERM" in stderr.strip().splitlines()[-1], stderr[-3000:]
     assert 400 <= checkpoint_step(run_dir) < 600
 
@@ -196,7 +175,7 @@ def test_no_checkpoint_on_exit_writes_none(tmp_path):
     """--no-checkpoint-on-exit: the run ends at the signal without a checkpoint and says it cannot be continued."""
     path = FROM_SCRATCH / "sac.py"
     flags = tiny_flags("sac", 600, "--no-checkpoint-on-exit")
-    status, stderr = start_and_signal_after(path, flags, tmp_path, signal.SIGTERM, "step 200/600")
+    status, stderr = run_and_signal(path, flags, tmp_path, "step 200/600", signal.SIGTERM)
     assert status == 143, stderr[-3000:]
     (run_dir,) = run_dirs(tmp_path)
     assert not (run_dir / "checkpoint.flax").exists()

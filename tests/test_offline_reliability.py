@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import flax
 import pytest
-from conftest import OFFLINE_TO_ONLINE, load_script, run_script, script_environment
+from conftest import OFFLINE_TO_ONLINE, load_script, run_and_signal, run_script, script_environment
 
 SCRIPTS = ["qc_fql", "sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
 ENV_NAME = "cube-triple-play-singletask-task4-v0"
@@ -42,6 +42,7 @@ NETWORKS = {  # small networks of each script; SAC offline updates only, or inte
 DIVERGES_AFTER_RESUME = ["sac_flow_naive", "sac_flow_transformer"]
 DIVERGES_OFFLINE = ["qc_fql", "sac_flow_gru"]
 TRACKED = "qc_fql"  # its first run and the resumed one log to wandb (offline)
+OFFLINE = {"WANDB_MODE": "offline"}
 
 
 def script_path(script: str) -> str:
@@ -213,34 +214,15 @@ def test_sigkill_then_resume_with_more_online_steps(dataset_dir, tmp_path):
     assert f'"online_steps": {online_steps}' in (tmp_path / run_dir / "args.json").read_text()
 
 
-def run_until_then_signal(flags: list[str], cwd, console_line: str, signum: int) -> tuple[int, str]:
-    """Runs qc_fql.py with `flags`, sends `signum` once it printed `console_line`; its exit status and stderr."""
-    process = subprocess.Popen(
-        [sys.executable, script_path("qc_fql"), *flags],
-        cwd=cwd,
-        env=script_environment({"WANDB_MODE": "offline"}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        for line in process.stdout:
-            if console_line in line:
-                process.send_signal(signum)
-                break
-        _, stderr = process.communicate(timeout=300)
-    finally:
-        process.kill()
-    return process.returncode, stderr
-
-
 def test_ctrl_c_offline_and_sigterm_online_checkpoint_and_resume_as_printed(dataset_dir, tmp_path):
     """SIGINT in the offline phase and SIGTERM in the online phase, without --checkpoint-every: each run stops after
     its block or step with a checkpoint, one line with the --resume command and exit 130 / 143; resumed as printed,
     the run ends at its last step with every step logged once."""
     flags = [*TINY, *NETWORKS["qc_fql"], "--dataset-dir", dataset_dir, "--track"]
     flags += ["--offline-steps", "200", "--online-steps", "60", "--checkpoint-every", "0"]
-    status, stderr = run_until_then_signal(flags, tmp_path, "offline step 50/200", signal.SIGINT)
+    status, stderr = run_and_signal(
+        script_path("qc_fql"), flags, tmp_path, "offline step 50/200", signal.SIGINT, OFFLINE
+    )
     assert status == 130 and "Traceback" not in stderr, stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
     last_line = stderr.strip().splitlines()[-1]
@@ -250,12 +232,15 @@ def test_ctrl_c_offline_and_sigterm_online_checkpoint_and_resume_as_printed(data
     checkpoint = flax.serialization.msgpack_restore((tmp_path / run_dir / "checkpoint.flax").read_bytes())
     assert 50 <= checkpoint["offline_step"] < 200 and checkpoint["online_step"] == 0
 
-    status, stderr = run_until_then_signal(command.split()[2:], tmp_path, "online step 20/60", signal.SIGTERM)
+    resume_flags = command.split()[2:]
+    status, stderr = run_and_signal(
+        script_path("qc_fql"), resume_flags, tmp_path, "online step 20/60", signal.SIGTERM, OFFLINE
+    )
     assert status == 143 and "interrupted by SIGTERM" in stderr.strip().splitlines()[-1], stderr[-3000:]
     checkpoint = flax.serialization.msgpack_restore((tmp_path / run_dir / "checkpoint.flax").read_bytes())
     assert checkpoint["offline_step"] == 200 and 20 <= checkpoint["online_step"] < 60
 
-    result = run_script(script_path("qc_fql"), *command.split()[2:], cwd=tmp_path, env={"WANDB_MODE": "offline"})
+    result = run_script(script_path("qc_fql"), *resume_flags, cwd=tmp_path, env=OFFLINE)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [(int(step), key) for step, key, _ in read_rows(tmp_path / run_dir / "metrics.csv")]
     assert len(rows) == len(set(rows))  # no step logged twice
