@@ -11,7 +11,7 @@ Policy (the noise-augmented flow rollout of SAC Flow, K steps, dt = 1/K, t_k = k
     chunk = tanh(A_K)                                               (OGBench actions are in [-1, 1])
     log pi = log N(A_0; 0, I) + sum_k log N(A_{k+1}; A_k + dt b_k, sigma^2 dt I) - sum_j log(1 - tanh(A_K)_j^2 + 1e-6)
 sigma is a state-dependent standard deviation (log sigma squashed into [-5, log sqrt 2]) unless --noise-std fixes it.
-Flow-G velocity (gated, GRU-like), with x = [LN(s), A_k, phi(t_k)] and two swish MLPs (one hidden layer of 512):
+Flow-G velocity (gated, GRU-like), with x = [LN(s), A_k, phi(t_k)] and two swish MLPs (two hidden layers of 512):
     g = sigmoid(GateNet(x)),   c = CandidateNet(x),   v_k = g * (c - A_k)
 Without noise a step is A_{k+1} = (1 - dt g) A_k + dt g c, a GRU update whose Jacobian's identity path is scaled by
 the gate, so the gradient through the K steps stays bounded. The gate's last layer starts at zero weights and bias 5
@@ -190,9 +190,10 @@ class Args:
     num_qs: int = 2
     """number of Q networks in the critic ensemble"""
     velocity_hidden: int = 512
-    """width of the hidden layers of the gate and of the candidate network (512 as the released code)"""
-    velocity_hidden_layers: int = 1
-    """hidden layers of the gate and of the candidate network (1 as the released code: Dense -> swish -> Dense)"""
+    """width of the hidden layers of the gate and of the candidate network"""
+    velocity_hidden_layers: int = 2
+    """hidden layers (swish) of the gate and of the candidate network; the released offline agent's candidate had 4
+    of 512 (GELU) and its gate 1 of 256, its from-scratch agent 1 of 512 for both"""
 
 
 class RunLogger:
