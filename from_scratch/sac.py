@@ -155,7 +155,7 @@ class RunLogger:
                 self.writer.writerow([global_step, key, float(value)])
             self.file.flush()
         except OSError as error:  # e.g. a full disk
-            raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror})")
+            raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror or error})")
         if self.wandb_run is not None:
             self.wandb_run.log({key: float(value) for key, value in metrics.items()}, step=global_step)
 
@@ -679,7 +679,9 @@ def save_checkpoint(run_dir: str, agent: AgentState, step: int, wandb_id: str, e
             os.fsync(f.fileno())
     except OSError as error:  # e.g. a full disk: the previous checkpoint is untouched
         os.remove(path + ".tmp")
-        raise SystemExit(f"error: cannot write {path} at step {step} ({error.strerror}); the previous one is kept")
+        raise SystemExit(
+            f"error: cannot write {path} at step {step} ({error.strerror or error}); the previous one is kept"
+        )
     os.replace(path + ".tmp", path)
 
 

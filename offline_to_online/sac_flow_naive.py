@@ -209,7 +209,7 @@ class RunLogger:
                 self.writer.writerow([global_step, key, float(value)])
             self.file.flush()
         except OSError as error:  # e.g. a full disk
-            raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror})")
+            raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror or error})")
         if self.use_wandb:
             wandb.log({key: float(value) for key, value in metrics.items()}, step=global_step)
 
@@ -803,7 +803,7 @@ def save_checkpoint(run_dir: str, checkpoint: dict):
     except OSError as error:  # e.g. a full disk: the previous checkpoint is untouched
         os.remove(path + ".tmp")
         raise SystemExit(
-            f"error: cannot write {path} at step {checkpoint['step']} ({error.strerror}); the previous one is kept"
+            f"error: cannot write {path} at step {checkpoint['step']} ({error.strerror or error}); the previous one is kept"
         )
     os.replace(path + ".tmp", path)
 

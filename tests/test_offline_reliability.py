@@ -372,7 +372,8 @@ def test_checkpoint_write_is_atomic(script, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(module.os, "fsync", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as stopped:  # one line, not a traceback
         module.save_checkpoint(str(tmp_path), {"step": 2})
+    assert str(stopped.value.code).startswith("error: cannot write") and "disk full" in str(stopped.value.code)
     assert (tmp_path / "checkpoint.flax").read_bytes() == before
     assert flax.serialization.msgpack_restore(before) == {"step": 1}
