@@ -117,7 +117,7 @@ def test_resume_after_sigkill_continues_without_duplicate_rows(tmp_path):
     assert all(np.isfinite(value) for _, _, value in rows)
 
 
-@pytest.mark.parametrize("script", ["sac", "sac_flow_gru"])
+@pytest.mark.parametrize("script", ["sac_flow_gru"])  # the loop is the same text in every script (test_siblings.py)
 def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
     """SIGINT in the random phase (no --checkpoint-every), then SIGTERM while training: each finishes its step,
     writes the checkpoint, prints the exact --resume command in one line and exits 130 / 143; the run resumed as
