@@ -66,3 +66,19 @@ def test_interrupted_protocol_resumes_and_summarises(tmp_path):
     steps = {(row["script"], int(row["step"])) for row in rows}
     assert steps >= {("sac", 600), ("sac_wide", 200), ("sac_wide", 600), ("random", 0)}
     assert (tmp_path / "summary" / "eval_episodic_return.png").exists()
+
+
+def test_summary_steps_are_environment_steps_done_in_both_folders(tmp_path):
+    """from_scratch/ logs the evaluation after step N at global_step N - 1, offline_to_online/ at N: both become N."""
+    protocol = {"metrics": ["eval/success", "eval/episodic_return"], "groups": [], "checkpoint_every": 1}
+    runs, state = [], {}
+    for script, logged_step in (("from_scratch/sac.py", 29999), ("offline_to_online/qc_fql.py", 30000)):
+        run = RESULTS.Run(script.split("/")[1][:-3], script, "env", 1, [])
+        run_dir = tmp_path / run.name
+        run_dir.mkdir()
+        (run_dir / "metrics.csv").write_text(f"global_step,key,value\n{logged_step},eval/episodic_return,5.0\n")
+        runs.append(run)
+        state[run.key] = {"run_dir": str(run_dir), "done": True, "seconds": 1.0}
+    RESULTS.write_summary("test", protocol, runs, str(tmp_path), state, str(tmp_path / "summary"))
+    with open(tmp_path / "summary" / "summary.csv") as f:
+        assert {(row["script"], int(row["step"])) for row in csv.DictReader(f)} == {("sac", 30000), ("qc_fql", 30000)}
