@@ -16,7 +16,7 @@ Every step is Gaussian, so the log-density of the sampled path is exact:
 σ is a state-dependent standard deviation (log σ squashed into [−5, log √2]) unless --noise-std fixes it.
 Flow-T velocity (decoded): an action–time token and a state token, both of width d_model,
 
-    Φ_A = E_A([A_k, φ(t_k)]),   Φ_S = E_S(s)
+    Φ_A = E_A([A_k, φ(t_k)]),   Φ_S = E_S(s) = W_2 swish(W_1 s)     (W_1: d_model/2 wide, as the released code)
     L pre-norm decoder blocks:  Y = Φ_A + CrossAttn(query = LN(Φ_A), keys/values = LN(Φ_S))
                                 Φ_A = Y + FFN(LN(Y))            FFN: d_model → 4·d_model → d_model, GELU
     v_k = W_o(LN(Φ_A))
@@ -124,7 +124,7 @@ class Args:
     noise_std: float = 0.0
     """σ of the rollout noise; 0 learns a state-dependent σ (the paper's fixed form uses 0.10)"""
     d_model: int = 64
-    """width of the velocity decoder's tokens (its FFN is 4 times wider)"""
+    """width of the velocity decoder's tokens (its FFN is 4 times wider, its state MLP E_S half as wide)"""
     n_heads: int = 4
     """attention heads of each decoder block (must divide --d-model)"""
     n_layers: int = 2
@@ -348,7 +348,10 @@ class VelocityNet(nn.Module):
         action_token = nn.Dense(self.d_model, name="action_time_embedding")(
             jnp.concatenate([action, time_features], axis=-1)
         )[:, None]
-        state_token = nn.Dense(self.d_model, name="state_embedding")(state)[:, None]
+        # E_S is a small MLP, as in the released code: with one context token the attention passes on a linear map
+        # of LN(Φ_S) whatever the query, so a linear E_S would leave the velocity only a linear view of the state.
+        state_hidden = nn.swish(nn.Dense(self.d_model // 2, name="state_hidden")(state))
+        state_token = nn.Dense(self.d_model, name="state_embedding")(state_hidden)[:, None]
         for _ in range(self.n_layers):
             action_token = DecoderBlock(self.d_model, self.n_heads)(action_token, state_token)
         return nn.Dense(self.action_dim, name="output")(nn.LayerNorm(name="output_norm")(action_token))[:, 0]

@@ -12,7 +12,7 @@ Policy (the noise-augmented flow rollout of SAC Flow, K steps, dt = 1/K, t_k = k
     log pi = log N(A_0; 0, I) + sum_k log N(A_{k+1}; A_k + dt b_k, sigma^2 dt I) - sum_j log(1 - tanh(A_K)_j^2 + 1e-6)
 sigma is a state-dependent standard deviation (log sigma squashed into [-5, log sqrt 2]) unless --noise-std fixes it.
 Flow-T velocity (decoded): an action-time token and a state token of width d_model,
-    Phi_A = E_A([A_k, phi(t_k)]),   Phi_S = E_S(LN(s))
+    Phi_A = E_A([A_k, phi(t_k)]),   Phi_S = E_S(LN(s)) = W_2 swish(W_1 LN(s))   (W_1: d_model/2 wide, as the released code)
     L pre-norm decoder blocks:  Y = Phi_A + CrossAttn(query = LN(Phi_A), keys/values = LN(Phi_S))
                                 Phi_A = Y + FFN(LN(Y))            FFN: d_model -> 4 d_model -> d_model, GELU
     v_k = W_o(LN(Phi_A))
@@ -191,7 +191,7 @@ class Args:
     num_qs: int = 2
     """number of Q networks in the critic ensemble"""
     d_model: int = 128
-    """width of the velocity decoder's tokens (its FFN is 4 times wider)"""
+    """width of the velocity decoder's tokens (its FFN is 4 times wider, its state MLP E_S half as wide)"""
     n_heads: int = 4
     """attention heads of each decoder block (must divide --d-model)"""
     n_layers: int = 2
@@ -477,7 +477,10 @@ class VelocityNet(nn.Module):
         action_token = nn.Dense(self.d_model, name="action_time_embedding")(
             jnp.concatenate([x, time_features], axis=-1)
         )[:, None]
-        state_token = nn.Dense(self.d_model, name="state_embedding")(state)[:, None]
+        # E_S is a small MLP, as in the released code: with one context token the attention passes on a linear map
+        # of LN(Phi_S) whatever the query, so a linear E_S would leave the velocity only a linear view of the state.
+        state_hidden = nn.swish(nn.Dense(self.d_model // 2, name="state_hidden")(state))
+        state_token = nn.Dense(self.d_model, name="state_embedding")(state_hidden)[:, None]
         for _ in range(self.n_layers):
             action_token = DecoderBlock(self.d_model, self.n_heads)(action_token, state_token)
         return nn.Dense(self.chunk_dim, name="output")(nn.LayerNorm(name="output_norm")(action_token))[:, 0]

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FROM_SCRATCH, load_script
+from conftest import FROM_SCRATCH, OFFLINE_TO_ONLINE, load_script
 
 gru = load_script("sac_flow_gru")
 transformer = load_script("sac_flow_transformer")
+offline_transformer = load_script("sac_flow_transformer", OFFLINE_TO_ONLINE)
 
 OBS_DIM, ACTION_DIM, TIME_DIM, BATCH = 5, 3, 32, 6
 
@@ -99,8 +100,8 @@ def test_flow_g_velocity_is_gate_times_candidate_minus_action(hidden_layers):
 D_MODEL, N_HEADS, N_LAYERS = 8, 2, 2
 
 
-def make_transformer_velocity(seed: int = 4):
-    net = transformer.VelocityNet(ACTION_DIM, D_MODEL, N_HEADS, N_LAYERS)
+def make_transformer_velocity(seed: int = 4, script=transformer):
+    net = script.VelocityNet(ACTION_DIM, D_MODEL, N_HEADS, N_LAYERS)
     state, action, time_features = random_inputs()
     params = perturbed(net.init(jax.random.PRNGKey(seed), state, action, time_features)["params"], seed=seed + 1)
     return net, params
@@ -114,6 +115,13 @@ def layer_norm_np(p, x):
 
 def gelu_np(x):  # flax's default, the tanh approximation
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def state_embedding_np(p, state):
+    """E_S(s) = W_2 swish(W_1 s + b_1) + b_2."""
+    hidden = state @ p["state_hidden"]["kernel"] + p["state_hidden"]["bias"]
+    hidden = hidden / (1.0 + np.exp(-hidden))
+    return hidden @ p["state_embedding"]["kernel"] + p["state_embedding"]["bias"]
 
 
 def cross_attention_np(p, queries, context):
@@ -135,7 +143,7 @@ def transformer_velocity_np(p, state, action, time_features):
     """Φ_A = E_A([A, φ(t)]), Φ_S = E_S(s); pre-norm cross-attention blocks; v = W_o(LN(Φ_A))."""
     x = np.concatenate([action, time_features], axis=1)
     token = x @ p["action_time_embedding"]["kernel"] + p["action_time_embedding"]["bias"]
-    state_token = state @ p["state_embedding"]["kernel"] + p["state_embedding"]["bias"]
+    state_token = state_embedding_np(p, state)
     for layer in range(N_LAYERS):
         b = p[f"DecoderBlock_{layer}"]
         context = layer_norm_np(b["context_norm"], state_token)[:, None, :]  # one context token per row
@@ -145,8 +153,9 @@ def transformer_velocity_np(p, state, action, time_features):
     return layer_norm_np(p["output_norm"], token) @ p["output"]["kernel"] + p["output"]["bias"]
 
 
-def test_flow_t_velocity_matches_numpy_decoder():
-    net, params = make_transformer_velocity()
+@pytest.mark.parametrize("script", [transformer, offline_transformer], ids=["from_scratch", "offline_to_online"])
+def test_flow_t_velocity_matches_numpy_decoder(script):
+    net, params = make_transformer_velocity(script=script)
     state, action, time_features = random_inputs(seed=7)
     v = np.asarray(net.apply({"params": params}, state, action, time_features))
     expected = transformer_velocity_np(
@@ -174,7 +183,7 @@ def test_flow_t_attention_keys_and_values_come_from_the_state_token_only():
     net, params = make_transformer_velocity()
     state, action, time_features = random_inputs(seed=9)
     p = to_numpy(params)
-    state_token = state.astype(np.float64) @ p["state_embedding"]["kernel"] + p["state_embedding"]["bias"]
+    state_token = state_embedding_np(p, state.astype(np.float64))
 
     def attention_inputs(state, action):
         """v, and the (query, keys, values) arguments of every cross-attention call, intercepted."""
