@@ -27,8 +27,9 @@ Offline updates and then online environment steps count as one global step (onli
 --checkpoint-every N writes runs/<run_name>/checkpoint.flax (atomically) every N global steps: the agent state
 (parameters, optimiser state), the RNG key, the step counters and the online transitions of the replay buffer
 (the dataset is reloaded from --dataset-dir). --resume runs/<run_name> continues that run from it, into the same
-directory. A resumed run starts a new environment episode (an environment cannot be checkpointed): it is reproducible
-from its checkpoint, but not bitwise equal to an uninterrupted run unless the checkpoint is in the offline phase.
+directory. In the online phase the checkpoint also holds the environment (OGBench's MuJoCo data and task state) and
+the current chunk, so the episode goes on where it stopped and the resumed run writes the same rows as an
+uninterrupted one; where the environment cannot be restored, the resumed run starts a new episode.
 A non-finite loss or parameter stops the run at once with one line naming it and the step.
 
 Example:
@@ -40,15 +41,18 @@ import csv
 import dataclasses
 import fcntl
 import functools
+import io
 import json
 import netrc
 import os
+import pickle
 import signal
 import sys
 import time
 import urllib.parse
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,6 +61,7 @@ import flax.linen as nn
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
+import mujoco
 import numpy as np
 import ogbench  # noqa: F401  (registers the OGBench environments with gymnasium)
 import optax
@@ -621,9 +626,12 @@ def read_run_to_resume(run_dir: str) -> tuple[dict, dict]:
     return {name: tuple(value) if isinstance(value, list) else value for name, value in saved_args.items()}, checkpoint
 
 
-def restore_agent(checkpoint: dict, state: AgentState, buffer: dict, dataset_size: int, path: str):
+def restore_agent(
+    checkpoint: dict, state: AgentState, buffer: dict, dataset_size: int, path: str, episode_continues: bool
+):
     """The agent state, RNG key and replay buffer of a checkpoint, restored into the freshly built `state` and `buffer`
-    (whose first dataset_size rows hold the reloaded dataset; the saved online transitions go after them)."""
+    (whose first dataset_size rows hold the reloaded dataset; the saved online transitions go after them).
+    `episode_continues`: the environment was restored, so the saved online episode goes on after the cut."""
     online_rows = checkpoint["online_step"]
     target = {
         "state": state,
@@ -643,11 +651,97 @@ def restore_agent(checkpoint: dict, state: AgentState, buffer: dict, dataset_siz
         name: column.at[dataset_size : dataset_size + online_rows].set(restored["online_replay"][name])
         for name, column in buffer.items()
     }
-    if online_rows > 0:
+    if online_rows > 0 and not episode_continues:
         # The resumed run starts a new episode: the saved one ends here, so no chunk runs across the cut.
         buffer["terminals"] = buffer["terminals"].at[dataset_size + online_rows - 1].set(1.0)
     state = jax.tree.map(jnp.asarray, restored["state"])
     return state, jax.random.wrap_key_data(restored["rng_key"]), buffer
+
+
+def find_wrapper(env: gym.Env, wrapper_type: type) -> gym.Wrapper:
+    while not isinstance(env, wrapper_type):
+        env = env.env
+    return env
+
+
+def is_task_state(name: str, value) -> bool:
+    """The attributes of an OGBench environment that hold its task's Python state (targets, success, generator, the IK
+    target pose): plain values and OGBench's pose objects; not the MuJoCo model and data, nor the MJCF tree."""
+    if name in ("spec", "_model", "_data"):
+        return False
+    if isinstance(value, (list, tuple)):
+        return all(is_task_state(name, item) for item in value)
+    if isinstance(value, dict):
+        return all(is_task_state(name, item) for item in value.values())
+    plain = (bool, int, float, str, type(None), np.ndarray, np.generic, np.random.Generator)
+    return isinstance(value, plain) or type(value).__module__.startswith("ogbench.manipspace.lie")
+
+
+class EnvironmentUnpickler(pickle.Unpickler):
+    """Reads a saved environment state: NumPy arrays and generators, MuJoCo data and OGBench poses, nothing else (a
+    checkpoint holds data, never code to run)."""
+
+    def find_class(self, module, name):
+        allowed = module.startswith(("numpy.random", "ogbench.manipspace.lie.")) or (module, name) in {
+            ("numpy", "dtype"),
+            ("numpy", "ndarray"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "scalar"),
+            ("mujoco._structs", "MjData"),
+            ("mujoco._structs", "MjModel"),
+        }
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of an environment state")
+        return super().find_class(module, name)
+
+
+def environment_state(env: gym.Env, observation, queue: list, episode_return: float, episode_length: int) -> dict:
+    """What continues the online episode exactly after a resume: OGBench's whole MuJoCo data (its controller reads
+    positions that the last physics step left, so the integration state alone would not do), the task's Python
+    state, the time limit's counter, and the loop's observation, rest of the current chunk, return and length.
+    Empty for an environment whose simulator is not OGBench's: the resumed run then starts a new episode."""
+    task = env.unwrapped
+    if not isinstance(getattr(task, "_data", None), mujoco.MjData):
+        return {}
+    saved = {
+        "data": task._data,
+        "task": {name: value for name, value in vars(task).items() if is_task_state(name, value)},
+        "elapsed_steps": find_wrapper(env, gym.wrappers.TimeLimit)._elapsed_steps,
+    }
+    return {
+        "simulator": np.frombuffer(zlib.compress(pickle.dumps(saved), 1), np.uint8),
+        "observation": np.asarray(observation),
+        "queue": np.asarray(queue),
+        "episode": np.array([episode_return, episode_length], np.float64),
+    }
+
+
+def restore_environment(env: gym.Env, state: dict):
+    """Puts a checkpoint's environment_state back into the freshly made and reset `env`; returns the loop's
+    (observation, queue, episode return, episode length), or None (a new episode) when there is none to restore."""
+    if "simulator" not in state:
+        return None
+    task = env.unwrapped
+    try:
+        saved = EnvironmentUnpickler(io.BytesIO(zlib.decompress(np.asarray(state["simulator"]).tobytes()))).load()
+        if saved["data"].qpos.shape != task._data.qpos.shape or saved["data"].ctrl.shape != task._data.ctrl.shape:
+            raise ValueError("it is the state of another environment")
+        mujoco.mj_copyData(task._data, task._model, saved["data"])
+    except Exception as error:  # noqa: BLE001  (another MuJoCo or NumPy version may fail in many ways)
+        print(f"warning: cannot restore the environment ({error}); the resumed run starts a new episode", flush=True)
+        return None
+    for name, value in saved["task"].items():
+        setattr(task, name, value)
+    find_wrapper(env, gym.wrappers.TimeLimit)._elapsed_steps = saved["elapsed_steps"]
+    episode_return, episode_length = state["episode"]
+    return (
+        np.asarray(state["observation"]),
+        list(np.asarray(state["queue"])),
+        float(episode_return),
+        int(episode_length),
+    )
 
 
 def truncate_metrics(run_dir: str, step: int) -> int:
@@ -841,9 +935,14 @@ def main():
     checkpoint_path = os.path.join(run_dir, "checkpoint.flax")
     lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process ends)
     if checkpoint is None:
-        last_checkpoint_step, wandb_run_id = None, None
+        last_checkpoint_step, wandb_run_id, online_loop = None, None, None
     else:
-        state, key, buffer = restore_agent(checkpoint, state, buffer, dataset_size, checkpoint_path)
+        # An online episode goes on where it stopped when the checkpoint holds its environment (OGBench's tasks).
+        env.reset(seed=args.seed + start_online)
+        online_loop = restore_environment(env, checkpoint.get("environment", {}))
+        state, key, buffer = restore_agent(
+            checkpoint, state, buffer, dataset_size, checkpoint_path, episode_continues=online_loop is not None
+        )
         last_checkpoint_step, wandb_run_id = checkpoint["step"], checkpoint["wandb_run_id"]
         dropped = truncate_metrics(run_dir, last_checkpoint_step)
         print(f"resuming from step {last_checkpoint_step}: dropped {dropped} later rows of metrics.csv", flush=True)
@@ -885,7 +984,7 @@ def main():
         logger.log(global_step, {"eval/success": success, "eval/episodic_return": episodic_return})
         print(f"eval at step {global_step}: success {success:.3f}, return {episodic_return:.1f}", flush=True)
 
-    def write_checkpoint(offline_done: int, online_done: int):
+    def write_checkpoint(offline_done: int, online_done: int, environment: dict):
         nonlocal last_checkpoint_step
         save_checkpoint(
             run_dir,
@@ -895,6 +994,7 @@ def main():
                 "offline_step": offline_done,
                 "online_step": online_done,
                 "wandb_run_id": wandb_run_id,
+                "environment": environment,
                 "agent": {
                     "state": state,
                     "rng_key": jax.random.key_data(key),
@@ -908,9 +1008,9 @@ def main():
 
     stop = catch_stop_signals()
 
-    def exit_interrupted(offline_done: int, online_done: int):
+    def exit_interrupted(offline_done: int, online_done: int, environment: dict):
         if args.checkpoint_on_exit and last_checkpoint_step != offline_done + online_done:
-            write_checkpoint(offline_done, online_done)
+            write_checkpoint(offline_done, online_done, environment)
         env.close()
         eval_env.close()
         logger.close(exit_code=128 + stop["signal"])
@@ -965,18 +1065,22 @@ def main():
             run_evaluation(step)
             window_start, window_steps = time.time(), 0
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            write_checkpoint(step, 0)
+            write_checkpoint(step, 0, {})
         if stop["signal"] is not None:
-            exit_interrupted(step, 0)
+            exit_interrupted(step, 0, {})
 
     # Online phase: the dataset is the start of the replay buffer; each env step appends one transition,
     # makes one update and proposes the chunk for the next observation (used when the previous one has run out).
-    observation, _ = env.reset(seed=args.seed + start_online)
-    first_chunk = act(
-        state.params, np.asarray(observation, np.float32)[None], jax.random.fold_in(first_chunk_key, start_online)
-    )
-    queue = list(np.asarray(first_chunk[0]).reshape(args.horizon_length, action_dim))
-    episode_return, episode_length, position = 0.0, 0, dataset_size + start_online
+    if online_loop is None:
+        observation, _ = env.reset(seed=args.seed + start_online)
+        first_chunk = act(
+            state.params, np.asarray(observation, np.float32)[None], jax.random.fold_in(first_chunk_key, start_online)
+        )
+        queue = list(np.asarray(first_chunk[0]).reshape(args.horizon_length, action_dim))
+        episode_return, episode_length = 0.0, 0
+    else:
+        observation, queue, episode_return, episode_length = online_loop
+    position = dataset_size + start_online
     window_start, window_steps, metrics = time.time(), 0, None
     unchecked = []  # (global step, divergence check, metrics) of the updates whose check the host has not read yet
     for online_step_index in range(start_online + 1, args.online_steps + 1):
@@ -1043,10 +1147,12 @@ def main():
         if eval_now:
             run_evaluation(global_step)
             window_start, window_steps = time.time(), 0
+        if checkpoint_now or stop["signal"] is not None:
+            environment = environment_state(env, observation, queue, episode_return, episode_length)
         if checkpoint_now:
-            write_checkpoint(args.offline_steps, online_step_index)
+            write_checkpoint(args.offline_steps, online_step_index, environment)
         if stop["signal"] is not None:
-            exit_interrupted(args.offline_steps, online_step_index)
+            exit_interrupted(args.offline_steps, online_step_index, environment)
 
     if args.save_model:
         model_path = os.path.join(run_dir, f"{args.exp_name}.flax")

@@ -23,12 +23,13 @@ from conftest import OFFLINE_TO_ONLINE, load_script, run_and_signal, run_script,
 SCRIPTS = ["qc_fql", "sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
 ENV_NAME = "cube-triple-play-singletask-task4-v0"
 TIME_KEYS = {"charts/SPS", "charts/updates_per_s"}
-# 20 offline updates then 20 online steps (global steps 21..40) in 10-step episodes; a checkpoint at step 30 only.
+# 20 offline updates then 20 online steps (global steps 21..40) in 7-step episodes (ends at 27 and 34) and chunks of 2; a
+# checkpoint at step 30 only, inside an episode and inside a chunk.
 # One flow step and small networks: compilation is most of these runs.
 TINY = [
     "--env-name", ENV_NAME, "--horizon-length", "2", "--batch-size", "8", "--critic-hidden-dims", "32",
     "--offline-steps", "20", "--online-steps", "20", "--offline-scan-length", "10", "--log-interval", "10",
-    "--eval-interval", "20", "--eval-episodes", "1", "--max-episode-steps", "10", "--online-learning-starts", "5",
+    "--eval-interval", "20", "--eval-episodes", "1", "--max-episode-steps", "7", "--online-learning-starts", "5",
     "--flow-steps", "1", "--checkpoint-every", "30",
 ]  # fmt: skip
 NETWORKS = {  # small networks of each script; SAC offline updates only, or interleaved with BC ones (naive)
@@ -127,7 +128,12 @@ def test_same_seed_gives_same_rows(runs, script):
     rows = without_time_keys(record["first_rows"])
     keys = {(int(step), key) for step, key, _ in rows}
     # Not vacuous: losses of both phases, the episode of the online phase and both evaluations are there.
-    assert {(10, "losses/qf_loss"), (40, "losses/qf_loss"), (30, "charts/episodic_return")} <= keys
+    assert {
+        (10, "losses/qf_loss"),
+        (40, "losses/qf_loss"),
+        (27, "charts/episodic_return"),
+        (34, "charts/episodic_return"),
+    } <= keys
     assert {(20, "eval/success"), (40, "eval/success"), (40, "eval/episodic_return")} <= keys
     assert rows == without_time_keys(record["twin_rows"])
 
@@ -138,7 +144,8 @@ def test_same_seed_gives_same_rows(runs, script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_resume_completed_run(runs, script):
     """Resuming the completed run from its checkpoint at step 30 keeps the rows up to 30, drops the later ones and
-    logs steps 31..40 again: the same (step, key) rows as before, none twice."""
+    logs steps 31..40 again: the same rows as before (time rates aside), none twice. The checkpoint is inside an
+    episode and a chunk: the restored environment and chunk continue them, so the episode ending at 34 is the same."""
     record = finished_runs(runs, script)
     resumed = record["resumed"]
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -151,6 +158,7 @@ def test_resume_completed_run(runs, script):
     step_keys = [(int(step), key) for step, key, _ in rows]
     assert len(step_keys) == len(set(step_keys))
     assert set(step_keys) == {(int(step), key) for step, key, _ in first_rows}
+    assert without_time_keys(rows) == without_time_keys(first_rows)
 
 
 def test_resume_continues_the_wandb_run(runs):
