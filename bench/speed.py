@@ -1,8 +1,15 @@
 """Speed of every from-scratch script's train step, side by side, against the released code's structure.
 
 For each script it imports the script itself (its networks, losses and train step; nothing is copied) and
-measures on synthetic Hopper-v4-shaped data (obs 11, action 3) with the script's defaults (batch 512, K 4,
-CrossQ critic, a 1M-slot buffer holding 100k transitions):
+measures on synthetic Hopper-v4-shaped data (obs 11, action 3) with the script's defaults (K 4, CrossQ critic, a
+1M-slot buffer holding 100k transitions) in two configurations, one table row each:
+
+- the given sizes: --critic-hidden W and --batch-size B, the script's own (critic 1024, batch 512) where not given;
+- the small one, critic 256 and batch 256, the sizes people use on a CPU; measured once if the given sizes are
+  these, and left out with --no-small-config.
+
+Every figure below belongs to one script and one configuration; the --json results hold them as
+configs[label]["scripts"][script], label as critic1024_batch512 (configs[label] also holds the sizes).
 
 - updates_per_s: the script's own jitted call per environment step (store + critic + every `policy_delay`
   actor/α + next action), the action fetched to the host each time as the training loop does;
@@ -10,17 +17,22 @@ CrossQ critic, a 1M-slot buffer holding 100k transitions):
   replay buffer on the host storing observations and next observations, a host-to-device copy of each batch,
   and separately jitted critic update, target-critic average, actor+α update and action selection;
 - speedup: their ratio, measured in this one process in alternating rounds of whole actor cycles (policy_delay
-  calls each, one with the actor update), after a warm-up that leaves both at the start of a cycle;
+  calls each, one with the actor update), after a warm-up that leaves each at the start of a cycle (6 rounds
+  with --quick, 10 otherwise, or --rounds N);
+- with --baseline REF (a git revision: main, HEAD~3, a commit): baseline_updates_per_s, the train step of that
+  revision's scripts (git show REF:from_scratch/<name>.py, imported as modules of their own) at the same sizes,
+  measured in the same alternating rounds; vs_baseline = updates_per_s / baseline_updates_per_s;
 - flops_per_update: XLA's cost analysis of the compiled call, with the actor branch counted once every
   `policy_delay` calls (XLA counts both branches of the lax.cond);
-- matmul_gflops: the machine's dense float32 matmul rate, measured here; roofline_fraction =
-  flops_per_update × updates_per_s / matmul rate;
+- matmul_gflops: the machine's dense float32 matmul rate, measured here (once, at 1024 × 1024 × 1024);
+  roofline_fraction = flops_per_update × updates_per_s / matmul rate;
 - compile_s: the first call (compilation included);
 - outside --quick: sps_hopper, end-to-end environment steps per second on Hopper-v4 over 1000 steps after
   learning_starts (from the script's own console, the window with the compilation left out), and
   buffer_peak_rss_gib, the peak resident memory that a 1M-slot Humanoid-v4 buffer adds to a short run with a
   few updates, next to separate_storage_gib, what observations and next observations stored separately would
-  take (buffer_memory_ratio = their ratio). Together about 5 minutes per script on 2 idle cores.
+  take (buffer_memory_ratio = their ratio). Together about 5 minutes per script on 2 idle cores at the default
+  sizes, less in the small configuration.
 
 - num_seeds (outside --quick, or with --num-seeds 1 3 5): total updates/s (seeds × calls/s) of the train step
   of N seeds in one call (--num-seeds N of the scripts); vs_one_seed, its ratio to the single-seed rate (the
@@ -31,6 +43,7 @@ The process first calls the scripts' reuse_freed_memory(), as their main() does 
 frees for the next call instead of page-faulting it in again); --default-malloc leaves it out, to show its effect.
 
     python bench/speed.py --quick --json speed.json
+    python bench/speed.py --quick --baseline main --scripts sac_flow_gru --no-small-config
     python bench/speed.py --quick --scripts sac_flow_gru --num-seeds 1 3 5
 """
 
@@ -53,13 +66,64 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["sac", "sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
 OBS_DIM, ACTION_DIM = 11, 3  # Hopper-v4
 FILLED = 100_000
+SMALL_CONFIG = {"critic_hidden": 256, "batch_size": 256}  # the sizes people use on a CPU
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "from_scratch" / f"{name}.py")
+def load_script(name: str, folder: Path = REPO / "from_scratch", module_name: str | None = None):
+    """Imports <folder>/<name>.py as a module named `module_name` (default: `name`); its main() does not run."""
+    spec = importlib.util.spec_from_file_location(module_name or name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def git(*command: str, failure: str) -> bytes:
+    """The output of a git command in this repository; if it fails, `failure` with git's own message as the error."""
+    result = subprocess.run(["git", "-C", str(REPO), *command], capture_output=True, check=False)
+    if result.returncode != 0:
+        reason = (result.stderr.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"error: {failure} ({reason})")
+    return result.stdout
+
+
+def load_baseline(ref: str, names: list[str], directory: Path) -> tuple[str, dict]:
+    """The commit of git revision `ref` and its from-scratch scripts `names`, imported as modules of their own
+    (baseline_<name>) next to the working tree's. Each file keeps its name in `directory`, as the scripts name
+    their runs after their file."""
+    revision = ("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+    commit = git(*revision, failure=f"--baseline {ref} is not a commit").decode().strip()
+    modules = {}
+    for name in names:
+        path = f"from_scratch/{name}.py"
+        (directory / f"{name}.py").write_bytes(
+            git("show", f"{commit}:{path}", failure=f"--baseline {ref} has no {path}")
+        )
+        modules[name] = load_script(name, directory, f"baseline_{name}")
+    return commit, modules
+
+
+def configurations(options: argparse.Namespace, defaults) -> dict[str, dict]:
+    """label -> the Args sizes of each configuration to measure: the given ones (`defaults`, a script's Args, for
+    those not given), then the small ones unless left out. Keyed by label, the same sizes twice are measured once."""
+    given = {
+        "critic_hidden": defaults.critic_hidden if options.critic_hidden is None else options.critic_hidden,
+        "batch_size": defaults.batch_size if options.batch_size is None else options.batch_size,
+    }
+    chosen = [given] if options.no_small_config else [given, SMALL_CONFIG]
+    return {f"critic{config['critic_hidden']}_batch{config['batch_size']}": config for config in chosen}
+
+
+def configured_args(module, config: dict, **fields):
+    """The script's Args with the configuration's sizes and `fields`."""
+    try:
+        return dataclasses.replace(module.Args(), **config, **fields)
+    except TypeError as error:  # an Args without one of these fields (an older baseline)
+        raise SystemExit(f"error: {module.__file__}: {error}") from None
+
+
+def size_flags(config: dict) -> list[str]:
+    """The configuration as the scripts' command-line flags."""
+    return [text for field, value in config.items() for text in (f"--{field.replace('_', '-')}", str(value))]
 
 
 def matmul_gflops(seconds: float = 3.0) -> float:
@@ -114,7 +178,7 @@ class FusedRunner:
     def __init__(self, module, args, rng):
         self.functions = module.make_train_functions(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM))
         self.agents = [synthetic_agent(module, args, rng) for _ in range(args.num_seeds)]
-        self.num_seeds, self.rng = args.num_seeds, rng
+        self.args, self.num_seeds, self.rng = args, args.num_seeds, rng
 
     def transition(self):
         """A random transition per seed, then the observation to act on."""
@@ -182,7 +246,7 @@ class ReferenceRunner:
         return np.asarray(self.act(policy.params, policy.batch_stats, jnp.asarray(next_obs)[None], action_key))
 
 
-def flops_per_update(module, args, fused: FusedRunner) -> float:
+def flops_per_update(args, fused: FusedRunner) -> float:
     def flops(compiled):
         analysis = compiled.cost_analysis()
         return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
@@ -198,62 +262,57 @@ def flops_per_update(module, args, fused: FusedRunner) -> float:
     return whole - actor * (1 - 1 / args.policy_delay)
 
 
-def measure_script(name: str, rounds: int, cycles_per_round: int) -> dict:
-    """The script's step against the reference, in alternating rounds of whole actor cycles (policy_delay calls,
-    one of them with the actor update), both starting at the same point of the cycle after a warm-up."""
-    module = load_script(name)
-    args = module.Args()
+def alternating_rates(runners: dict, rounds: int, cycles_per_round: int) -> tuple[dict, dict]:
+    """Each runner's first call in seconds (compilation included) and its calls/s over `rounds` alternating rounds
+    of `cycles_per_round` whole actor cycles (its policy_delay calls, one of them with the actor update), after a
+    warm-up that leaves each at the start of a cycle."""
+    first_call_s, elapsed = {}, dict.fromkeys(runners, 0.0)
+    for key, runner in runners.items():
+        start = time.perf_counter()
+        runner.step()
+        first_call_s[key] = time.perf_counter() - start
+        # The rest of the warm-up compiles what the first call did not, and touches fresh memory.
+        for _ in range(2 * runner.args.policy_delay - 1):
+            runner.step()
+    for _ in range(rounds):  # alternate, so all see the same machine load
+        for key, runner in runners.items():
+            start = time.perf_counter()
+            for _ in range(cycles_per_round * runner.args.policy_delay):
+                runner.step()
+            elapsed[key] += time.perf_counter() - start
+    calls = {key: rounds * cycles_per_round * runner.args.policy_delay for key, runner in runners.items()}
+    return first_call_s, {key: calls[key] / elapsed[key] for key in runners}
+
+
+def measure_script(module, config: dict, rounds: int, cycles_per_round: int, baseline=None) -> dict:
+    """The script's step against the reference, and against the step of `baseline` (the same script of another
+    revision) at the same sizes if given, in alternating rounds."""
+    args = configured_args(module, config)
     rng = np.random.default_rng(0)
-    fused = FusedRunner(module, args, rng)
-    start = time.perf_counter()
-    fused.step()
-    compile_s = time.perf_counter() - start
-    reference = ReferenceRunner(module, args, rng)
-    warmup = 2 * args.policy_delay  # compiles all the reference's functions; the first calls touch fresh memory
-    for _ in range(warmup - 1):
-        fused.step()
-    for _ in range(warmup):
-        reference.step()
-    steps_per_round = cycles_per_round * args.policy_delay
-    fused_time = reference_time = 0.0
-    for _ in range(rounds):  # alternate, so both see the same machine load
-        start = time.perf_counter()
-        for _ in range(steps_per_round):
-            fused.step()
-        fused_time += time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(steps_per_round):
-            reference.step()
-        reference_time += time.perf_counter() - start
-    steps = rounds * steps_per_round
-    return {
-        "updates_per_s": steps / fused_time,
-        "reference_updates_per_s": steps / reference_time,
-        "speedup": reference_time / fused_time,
-        "flops_per_update": flops_per_update(module, args, fused),
-        "compile_s": compile_s,
+    runners = {"fused": FusedRunner(module, args, rng), "reference": ReferenceRunner(module, args, rng)}
+    if baseline is not None:
+        runners["baseline"] = FusedRunner(baseline, configured_args(baseline, config), rng)
+    first_call_s, calls_per_s = alternating_rates(runners, rounds, cycles_per_round)
+    figures = {
+        "updates_per_s": calls_per_s["fused"],
+        "reference_updates_per_s": calls_per_s["reference"],
+        "speedup": calls_per_s["fused"] / calls_per_s["reference"],
+        "flops_per_update": flops_per_update(args, runners["fused"]),
+        "compile_s": first_call_s["fused"],
     }
+    if baseline is not None:
+        figures["baseline_updates_per_s"] = calls_per_s["baseline"]
+        figures["vs_baseline"] = calls_per_s["fused"] / calls_per_s["baseline"]
+    return figures
 
 
-def seeds_updates_per_s(name: str, num_seeds: list[int], rounds: int, cycles_per_round: int) -> dict:
+def seeds_updates_per_s(module, config: dict, num_seeds: list[int], rounds: int, cycles_per_round: int) -> dict:
     """Total updates/s (seeds × calls/s) of the script's train step over N seeds (--num-seeds N), and its ratios
     to the single-seed rate and to N × that rate; the N are measured in alternating rounds of whole actor cycles."""
-    module = load_script(name)
     rng = np.random.default_rng(0)
-    runners = {n: FusedRunner(module, dataclasses.replace(module.Args(), num_seeds=n), rng) for n in num_seeds}
-    policy_delay = module.Args().policy_delay
-    elapsed = dict.fromkeys(num_seeds, 0.0)
-    for runner in runners.values():
-        for _ in range(2 * policy_delay):  # compile, warm up, and end at the start of an actor cycle
-            runner.step()
-    steps_per_round = cycles_per_round * policy_delay
-    for _ in range(rounds):
-        for n, runner in runners.items():
-            start = time.perf_counter()
-            for _ in range(steps_per_round):
-                runner.step()
-            elapsed[n] += time.perf_counter() - start
-    total = {n: n * rounds * steps_per_round / elapsed[n] for n in num_seeds}
+    runners = {n: FusedRunner(module, configured_args(module, config, num_seeds=n), rng) for n in num_seeds}
+    _, calls_per_s = alternating_rates(runners, rounds, cycles_per_round)
+    total = {n: n * calls_per_s[n] for n in num_seeds}
     single = total[1] if 1 in total else float("nan")
     return {
         str(n): {
@@ -282,15 +341,19 @@ def run_script(name: str, flags: list, python_code: str | None = None) -> str:
     return result.stdout
 
 
-def end_to_end_sps(name: str, learning_starts: int = 5_000, steps: int = 1_000, window: int = 250) -> float:
-    """Environment steps per second on Hopper-v4 after learning_starts, from the script's console lines.
+def end_to_end_sps(
+    name: str, config: dict, learning_starts: int = 5_000, steps: int = 1_000, window: int = 250
+) -> float:
+    """Environment steps per second on Hopper-v4 after learning_starts, at the configuration's sizes, from the
+    script's console lines.
 
     The first window after learning_starts holds the compilation and is left out; the others are combined as
     total steps over total time."""
     console = run_script(
         name,
         ["--env-id", "Hopper-v4", "--learning-starts", str(learning_starts),
-         "--total-timesteps", str(learning_starts + steps), "--console-every", str(window), "--eval-episodes", "0"],
+         "--total-timesteps", str(learning_starts + steps), "--console-every", str(window), "--eval-episodes", "0",
+         *size_flags(config)],
     )  # fmt: skip
     rates = [
         float(sps)
@@ -300,9 +363,10 @@ def end_to_end_sps(name: str, learning_starts: int = 5_000, steps: int = 1_000, 
     return len(rates) / sum(1 / rate for rate in rates)
 
 
-def buffer_peak_rss_gib(name: str) -> dict:
+def buffer_peak_rss_gib(name: str, config: dict) -> dict:
     """Peak resident memory a 1M-slot Humanoid-v4 buffer adds to a short run (vs. a 1k-slot one), a few
-    updates included so that the train step's working memory counts."""
+    updates at the configuration's sizes included so that the train step's working memory counts."""
+    batch_size = config["batch_size"]
 
     def peak_rss(buffer_size: int) -> float:
         code = (
@@ -312,23 +376,53 @@ def buffer_peak_rss_gib(name: str) -> dict:
         )
         console = run_script(
             name,
-            ["--env-id", "Humanoid-v4", "--buffer-size", str(buffer_size), "--total-timesteps", "520",
-             "--learning-starts", "512", "--eval-episodes", "0"],
+            ["--env-id", "Humanoid-v4", "--buffer-size", str(buffer_size), "--total-timesteps", str(batch_size + 8),
+             "--learning-starts", str(batch_size), "--eval-episodes", "0", *size_flags(config)],
             python_code=code,
         )  # fmt: skip
         return int(re.search(r"PEAK_RSS_KIB (\d+)", console).group(1)) / 2**20
 
     obs_dim, action_dim, slots = 376, 17, 1_000_000
     separate = slots * (2 * obs_dim + action_dim + 2) * 4 / 2**30
-    added = peak_rss(slots) - peak_rss(1_000)
+    added = peak_rss(slots) - peak_rss(max(1_000, batch_size))  # the scripts refuse a batch larger than the buffer
     return {"buffer_peak_rss_gib": added, "separate_storage_gib": separate, "buffer_memory_ratio": added / separate}
 
 
-def main():
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="train-step figures only, under ~5 minutes on 2 cores")
     parser.add_argument("--json", type=Path, help="write the results to this file")
     parser.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS, help="which scripts to measure")
+    parser.add_argument(
+        "--critic-hidden", type=positive_int, metavar="W", help="critic width (default: the scripts' own)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, metavar="B", help="batch size (default: the scripts' own)")
+    parser.add_argument(
+        "--no-small-config",
+        action="store_true",
+        help=f"leave out the second configuration, critic {SMALL_CONFIG['critic_hidden']}, batch "
+        f"{SMALL_CONFIG['batch_size']}",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure the train step of this git revision's scripts (main, HEAD~3, a commit) against the "
+        "working tree's, in the same alternating rounds",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        metavar="N",
+        help="alternating rounds of the train-step figures (default: 6 with --quick, 10 otherwise)",
+    )
     parser.add_argument(
         "--num-seeds",
         type=int,
@@ -340,58 +434,92 @@ def main():
         action="store_true",
         help="leave glibc's malloc as it is (the scripts call reuse_freed_memory() first; this shows what it gains)",
     )
-    options = parser.parse_args()
-    if options.json and options.json.exists():
-        raise SystemExit(f"error: {options.json} exists; not overwriting it")
+    return parser.parse_args(argv)
 
-    if not options.default_malloc:
-        load_script(options.scripts[0]).reuse_freed_memory()  # what each script's main() does first
-    rounds, cycles_per_round = (6, 2) if options.quick else (10, 3)
-    num_seeds = options.num_seeds if options.num_seeds is not None else ([] if options.quick else [1, 3, 5])
-    results = {
-        "device": str(jax.devices()[0]),
-        "default_malloc": options.default_malloc,
-        "matmul_gflops": matmul_gflops(),
-        "scripts": {},
-    }
-    for name in options.scripts:
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        figures = measure_script(name, rounds, cycles_per_round)
-        if not options.quick:
-            figures["sps_hopper"] = end_to_end_sps(name)
-            figures.update(buffer_peak_rss_gib(name))
-        if num_seeds:
-            figures["num_seeds"] = seeds_updates_per_s(name, num_seeds, rounds, cycles_per_round)
-        figures["roofline_fraction"] = (
-            figures["flops_per_update"] * figures["updates_per_s"] / (results["matmul_gflops"] * 1e9)
-        )
-        results["scripts"][name] = figures
 
-    columns = [
-        "updates_per_s",
-        "reference_updates_per_s",
-        "speedup",
-        "flops_per_update",
-        "roofline_fraction",
-        "compile_s",
+# The table's columns in this order, those that the run measured.
+COLUMNS = [
+    "updates_per_s",
+    "reference_updates_per_s",
+    "speedup",
+    "baseline_updates_per_s",
+    "vs_baseline",
+    "flops_per_update",
+    "roofline_fraction",
+    "compile_s",
+    "sps_hopper",
+    "buffer_peak_rss_gib",
+    "separate_storage_gib",
+    "buffer_memory_ratio",
+]
+
+
+def print_results(results: dict):
+    """One row per script and configuration, the scripts in SCRIPTS' order."""
+    rows = [
+        (name, label, figures)
+        for label, config in results["configs"].items()
+        for name, figures in config["scripts"].items()
     ]
-    if not options.quick:
-        columns += ["sps_hopper", "buffer_peak_rss_gib", "separate_storage_gib", "buffer_memory_ratio"]
+    rows.sort(key=lambda row: SCRIPTS.index(row[0]))  # stable: each script's configurations stay in order
+    columns = [c for c in COLUMNS if c in rows[0][2]]
     print(f"device {results['device']}, dense f32 matmul {results['matmul_gflops']:.1f} GFLOP/s")
-    print(f"{'script':<22}" + "".join(f"{c:>24}" for c in columns))
-    for name, figures in results["scripts"].items():
+    if results["baseline"]:
+        print(f"baseline {results['baseline']['ref']} ({results['baseline']['commit'][:12]})")
+    print(f"{'script':<22}{'config':<22}" + "".join(f"{c:>24}" for c in columns))
+    for name, label, figures in rows:
         cells = "".join(
             f"{figures[c]:>24.3g}" if c != "flops_per_update" else f"{figures[c] / 1e9:>20.2f} GF" for c in columns
         )
-        print(f"{name:<22}{cells}")
-    if num_seeds:
+        print(f"{name:<22}{label:<22}{cells}")
+    if "num_seeds" in rows[0][2]:
         print("\nN seeds in one call: total updates/s (ratio to one seed's rate; ratio to N × one seed's rate)")
-        for name, figures in results["scripts"].items():
+        for name, label, figures in rows:
             cells = "".join(
                 f"   N={n}: {f['updates_per_s']:.2f} ({f['vs_one_seed']:.2f}×; {f['vs_n_single_seeds']:.2f}×)"
                 for n, f in figures["num_seeds"].items()
             )
-            print(f"{name:<22}{cells}")
+            print(f"{name:<22}{label:<22}{cells}")
+
+
+def main(argv: list[str] | None = None):
+    options = parse_options(argv)
+    if options.json and options.json.exists():
+        raise SystemExit(f"error: {options.json} exists; not overwriting it")
+    rounds = options.rounds or (6 if options.quick else 10)
+    cycles_per_round = 2 if options.quick else 3
+    num_seeds = options.num_seeds if options.num_seeds is not None else ([] if options.quick else [1, 3, 5])
+
+    # The baseline's files stay until the end, for the source lines of a traceback from its code.
+    with tempfile.TemporaryDirectory(prefix="speed-baseline-") as directory:
+        commit, baselines = None, {}
+        if options.baseline:  # before anything else, so that a wrong revision fails at once
+            commit, baselines = load_baseline(options.baseline, options.scripts, Path(directory))
+        modules = {name: load_script(name) for name in options.scripts}
+        if not options.default_malloc:
+            modules[options.scripts[0]].reuse_freed_memory()  # what each script's main() does first
+        results = {
+            "device": str(jax.devices()[0]),
+            "default_malloc": options.default_malloc,
+            "matmul_gflops": matmul_gflops(),
+            "baseline": {"ref": options.baseline, "commit": commit} if options.baseline else None,
+            "configs": {},
+        }
+        for name, module in modules.items():
+            for label, config in configurations(options, module.Args()).items():
+                print(f"measuring {name} at {label} ...", file=sys.stderr, flush=True)
+                figures = measure_script(module, config, rounds, cycles_per_round, baselines.get(name))
+                if not options.quick:
+                    figures["sps_hopper"] = end_to_end_sps(name, config)
+                    figures.update(buffer_peak_rss_gib(name, config))
+                if num_seeds:
+                    figures["num_seeds"] = seeds_updates_per_s(module, config, num_seeds, rounds, cycles_per_round)
+                figures["roofline_fraction"] = (
+                    figures["flops_per_update"] * figures["updates_per_s"] / (results["matmul_gflops"] * 1e9)
+                )
+                results["configs"].setdefault(label, {**config, "scripts": {}})["scripts"][name] = figures
+
+    print_results(results)
     if options.json:
         options.json.write_text(json.dumps(results, indent=2))
 
