@@ -8,7 +8,8 @@ Running the same command again skips the finished runs and resumes the interrupt
 
 After every run, and at the end, it writes <summary-dir>/summary.csv (script, env, seed, step, key, value: every
 evaluation row of the protocol's metrics, plus a uniformly random policy's return when the protocol asks for it)
-and draws <summary-dir>/<key>.png with tools/plot_runs.py (mean ± 95 % interval over seeds).
+and draws <summary-dir>/<key>.png with tools/plot_runs.py (mean and, as the protocol's `band` says, the 95 %
+interval over seeds or the lowest to highest seed).
 
 Ctrl-C or SIGTERM is passed on to the running script; the tool then exits (130 or 143) and the next start resumes.
 
@@ -286,6 +287,7 @@ def write_summary(protocol_name: str, protocol: dict, runs: list[Run], out: str,
             figure = os.path.join(summary_dir, key.replace("/", "_") + ".png")
             command = [sys.executable, os.path.join(REPO, "tools", "plot_runs.py"), "--runs-dir"]
             command += [os.path.join(out, "runs"), "--key", key, "--out", figure, "--overwrite"]
+            command += ["--band", protocol.get("band", "ci")]
             subprocess.run(command, check=False, stdout=subprocess.DEVNULL, start_new_session=True)
     print(f"{protocol_name}: {len(rows)} rows in {summary_dir}/summary.csv", flush=True)
 

@@ -85,6 +85,17 @@ def test_mean_and_interval_by_hand(plot_runs, tmp_path):
     assert np.isnan(curve.lower[4]) and np.isnan(curve.upper[4])
 
 
+def test_range_band_is_the_lowest_and_highest_seed(plot_runs, tmp_path):
+    two_seeds(tmp_path)
+    runs, _ = plot_runs.load_runs(str(tmp_path))
+    curve = plot_runs.group_curves(runs, "eval/episodic_return", band="range")["sac_flow_gru", "Hopper-v4"]
+    seed1 = np.array([10.0, 15.0, 20.0, 40.0])
+    seed2 = np.array([14.0, 22.0, 30.0, 40.0])
+    np.testing.assert_allclose(curve.mean, [12.0, 18.5, 25.0, 40.0, 50.0])
+    np.testing.assert_allclose(curve.lower, [*np.minimum(seed1, seed2), 50.0])  # one run at step 3000
+    np.testing.assert_allclose(curve.upper, [*np.maximum(seed1, seed2), 50.0])
+
+
 def test_binned_grid_by_hand(plot_runs, tmp_path):
     """More distinct steps than points: equal-width bins, the mean of each run's values in a bin, and an empty bin
     inside a run's range filled by interpolation between its neighbouring bins."""

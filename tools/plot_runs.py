@@ -191,8 +191,10 @@ def mean_and_interval(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     return mean, mean - half, mean + half, n
 
 
-def group_curves(runs: list[Run], key: str, max_points: int = 100) -> dict[tuple[str, str], Curve]:
-    """(exp_name, env) -> the group's Curve for key, for every group where at least one run logged key."""
+def group_curves(runs: list[Run], key: str, max_points: int = 100, band: str = "ci") -> dict[tuple[str, str], Curve]:
+    """(exp_name, env) -> the group's Curve for key, for every group where at least one run logged key. band "ci":
+    the 95% interval of the mean; "range": the lowest and highest run (with 2 or 3 seeds the t interval is mostly
+    the t quantile's width: 12.7 standard errors at n = 2)."""
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         if key in run.series:
@@ -203,11 +205,13 @@ def group_curves(runs: list[Run], key: str, max_points: int = 100) -> dict[tuple
         values = np.stack([resample(*run.series[key], grid, edges) for run in members])
         keep = np.isfinite(values).any(axis=0)  # a gap between runs that do not overlap
         mean, lower, upper, n = mean_and_interval(values[:, keep])
+        if band == "range":
+            lower, upper = np.nanmin(values[:, keep], axis=0), np.nanmax(values[:, keep], axis=0)
         curves[group] = Curve(grid[keep], mean, lower, upper, n)
     return curves
 
 
-def draw(curves: dict[tuple[str, str], Curve], runs: list[Run], key: str, out: str):
+def draw(curves: dict[tuple[str, str], Curve], runs: list[Run], key: str, out: str, band: str = "ci"):
     """One panel per env, one line (and interval band) per script, same colour for a script in every panel."""
     envs = sorted({env for _, env in curves})
     scripts = sorted({script for script, _ in curves})
@@ -236,7 +240,8 @@ def draw(curves: dict[tuple[str, str], Curve], runs: list[Run], key: str, out: s
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    figure.suptitle(f"{key}: mean ± 95% CI over seeds (Student t)")
+    what = "mean ± 95% CI over seeds (Student t)" if band == "ci" else "mean and range (lowest to highest) over seeds"
+    figure.suptitle(f"{key}: {what}")
     figure.tight_layout()
     figure.savefig(out, format="png", dpi=120)
     plt.close(figure)
@@ -253,6 +258,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="plot.png", help="output PNG (default: plot.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     parser.add_argument("--points", type=int, default=100, help="at most this many grid steps per line (default 100)")
+    parser.add_argument(
+        "--band",
+        choices=["ci", "range"],
+        default="ci",
+        help="shaded band: the 95%% interval of the mean (ci, default) or the lowest to highest run (range)",
+    )
     return parser.parse_args(argv)
 
 
@@ -271,7 +282,7 @@ def main(argv: list[str] | None = None):
         shown = ", ".join(available[:8]) + (f", ... ({len(available)} in all)" if len(available) > 8 else "")
         filters = "".join(f" --{name} {' '.join(v)}" for name, v in (("env", args.env), ("script", args.script)) if v)
         fail(f"no runs in {args.runs_dir} match{filters}; available script/env: {shown}")
-    curves = group_curves(selected, args.key, args.points)
+    curves = group_curves(selected, args.key, args.points, args.band)
     if not curves:
         keys = sorted({key for run in selected for key in run.series})
         shown = ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
@@ -279,7 +290,7 @@ def main(argv: list[str] | None = None):
     out_dir = os.path.dirname(args.out)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    draw(curves, selected, args.key, args.out)
+    draw(curves, selected, args.key, args.out, args.band)
     lines = ", ".join(f"{script}/{env} n={int(c.num_runs.max())}" for (script, env), c in curves.items())
     directories = "directory" if skipped == 1 else "directories"
     note = f" (skipped {skipped} {directories} without a readable args.json and metrics.csv)" if skipped else ""
