@@ -59,6 +59,7 @@ def run_script(script: Path, *flags: str, cwd: Path, env: dict | None = None, ti
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=False,
     )
 
 

@@ -33,7 +33,9 @@ def load_script():
 
 
 def run_script(*flags, cwd):
-    return subprocess.run([sys.executable, SCRIPT, *flags], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, SCRIPT, *flags], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def raw_arrays(path):
@@ -148,12 +150,12 @@ def test_in_process_generation_checks_and_seeds(tmp_path):
     assert make_dataset.dataset_name_of(SINGLETASK_ENV) == DATASET
     assert make_dataset.dataset_name_of("cube-double-play-singletask-v0") == "cube-double-play-v0"
     assert make_dataset.dataset_name_of(DATASET) == DATASET
-    for bad in [dict(num_episodes=0), dict(num_episodes=2, num_val_episodes=0), dict(max_episode_steps=1)]:
+    for bad in [{"num_episodes": 0}, {"num_episodes": 2, "num_val_episodes": 0}, {"max_episode_steps": 1}]:
         with pytest.raises(SystemExit, match="^error: "):
             make_dataset.generate_dataset(DATASET, dataset_dir=str(tmp_path), **bad)
     assert os.listdir(tmp_path) == []
 
-    tiny = dict(num_episodes=1, num_val_episodes=1, max_episode_steps=20, show_progress=False)
+    tiny = {"num_episodes": 1, "num_val_episodes": 1, "max_episode_steps": 20, "show_progress": False}
     paths = make_dataset.generate_dataset(SINGLETASK_ENV, dataset_dir=str(tmp_path / "a"), seed=1, **tiny)
     assert paths["train"] == str(tmp_path / "a" / f"{DATASET}.npz")
     other_seed = make_dataset.generate_dataset(DATASET, dataset_dir=str(tmp_path / "b"), seed=2, **tiny)

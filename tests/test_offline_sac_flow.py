@@ -316,6 +316,7 @@ def run_script(script, cwd, *flags):
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
 
 
