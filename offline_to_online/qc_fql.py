@@ -540,8 +540,11 @@ def online_step(agent: QCFQL, state: AgentState, buffer: dict, position, transit
     update_key, act_key = jax.random.split(key)
     buffer = add_transition(buffer, position, transition)
     state, metrics = update_step(agent, state, buffer, position + 1, update_key)
-    finite = is_finite(metrics, state)
-    return state, buffer, metrics, finite, sample_chunks(agent, state.params, observation[None], act_key)[0]
+    chunk = sample_chunks(agent, state.params, observation[None], act_key)[0]
+    # A policy whose parameters are still finite can already propose a non-finite chunk: that counts as divergence
+    # too, so that the chunk never reaches the environment.
+    finite = is_finite(metrics, state) & jnp.all(jnp.isfinite(chunk))
+    return state, buffer, metrics, finite, chunk
 
 
 def evaluate(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_length: int, action_dim: int):
@@ -776,7 +779,8 @@ def truncate_metrics(run_dir: str, step: int) -> int:
 
 
 def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
-    """Names what failed the divergence check: the non-finite losses with their values, else the parameter groups."""
+    """Names what failed the divergence check: the non-finite losses with their values, else the parameter groups,
+    else the proposed action chunk."""
     losses = [f"{key}={float(value)}" for key, value in metrics.items() if not np.isfinite(float(value))]
     groups = {
         "critic parameters": state.params["critic"],
@@ -787,7 +791,7 @@ def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
     nonfinite_groups = [
         name for name, tree in groups.items() if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(tree))
     ]
-    return ", ".join(losses or nonfinite_groups)
+    return ", ".join(losses or nonfinite_groups) or "action chunk proposed by the updated policy"
 
 
 def catch_stop_signals() -> dict:

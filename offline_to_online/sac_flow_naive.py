@@ -761,8 +761,11 @@ def online_step(agent: SACFlow, state: AgentState, buffer: dict, position, trans
     buffer = add_transition(buffer, position, transition)
     batch = sample_chunk_batch(buffer, position + 1, batch_key, agent.batch_size, agent.horizon_length)
     state, metrics = sac_update(agent, state, batch, update_key, agent.online_beta)
-    finite = is_finite(metrics, state)
-    return state, buffer, metrics, finite, acting_chunks(agent, state.params, observation[None], act_key)[0]
+    chunk = acting_chunks(agent, state.params, observation[None], act_key)[0]
+    # A policy whose parameters are still finite can already propose a non-finite chunk: that counts as divergence
+    # too, so that the chunk never reaches the environment.
+    finite = is_finite(metrics, state) & jnp.all(jnp.isfinite(chunk))
+    return state, buffer, metrics, finite, chunk
 
 
 def evaluate(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_length: int, action_dim: int):
@@ -997,7 +1000,8 @@ def truncate_metrics(run_dir: str, step: int) -> int:
 
 
 def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
-    """Names what failed the divergence check: the non-finite losses with their values, else the parameter groups."""
+    """Names what failed the divergence check: the non-finite losses with their values, else the parameter groups,
+    else the proposed action chunk."""
     losses = [f"{key}={float(value)}" for key, value in metrics.items() if not np.isfinite(float(value))]
     groups = {
         "critic parameters": state.params["critic"],
@@ -1008,7 +1012,7 @@ def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
     nonfinite_groups = [
         name for name, tree in groups.items() if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(tree))
     ]
-    return ", ".join(losses or nonfinite_groups)
+    return ", ".join(losses or nonfinite_groups) or "action chunk proposed by the updated policy"
 
 
 def catch_stop_signals() -> dict:
