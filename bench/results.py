@@ -17,6 +17,9 @@ Examples:
     python bench/results.py --protocol cpu-from-scratch           # about 2 hours on 2 CPU cores
     python bench/results.py --protocol cpu-from-scratch --dry-run # list the runs and their commands
     python bench/results.py --protocol paper --only sac_flow_gru  # on a GPU machine or a cluster node
+
+Sittings with disjoint --only lists may run at once on the same --out (one per core, or per node): each records
+its runs in state.json without undoing the others', and the summary covers every run finished so far.
 """
 
 import csv
@@ -131,11 +134,16 @@ def read_state(out: str) -> dict:
         fail(f"cannot read {path} ({error}); move it away to start the protocol anew")
 
 
-def write_state(out: str, state: dict):
+def record_run(out: str, key: str, entry: dict) -> dict:
+    """Writes one run's entry into <out>/state.json, merged with what is there now, and returns the merged state:
+    sittings that run disjoint --only subsets of a protocol at once keep each other's entries."""
+    state = read_state(out)
+    state[key] = entry
     path = os.path.join(out, "state.json")
-    with open(path + ".tmp", "w") as f:
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
         json.dump(state, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    return state
 
 
 def prepare(protocol: dict, out: str):
@@ -225,12 +233,12 @@ def execute(run: Run, out: str, state: dict) -> float:
     finally:
         if not run_dir or not os.path.exists(run_dir):
             run_dir = new_run_dir(out, run, known)
-        state[run.key] = {
+        entry = {
             "run_dir": run_dir,
             "done": returncode == 0,
             "seconds": entry.get("seconds", 0.0) + time.time() - start,
         }
-        write_state(out, state)
+        state.update(record_run(out, run.key, entry))
     if returncode != 0:
         fail(f"{run.key} failed (exit {returncode}); its log: {log_path}")
     return time.time() - start

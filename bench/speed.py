@@ -32,7 +32,11 @@ configs[label]["scripts"][script], label as critic1024_batch512 (configs[label] 
   buffer_peak_rss_gib, the peak resident memory that a 1M-slot Humanoid-v4 buffer adds to a short run with a
   few updates, next to separate_storage_gib, what observations and next observations stored separately would
   take (buffer_memory_ratio = their ratio). Together about 5 minutes per script on 2 idle cores at the default
-  sizes, less in the small configuration.
+  sizes, less in the small configuration. With --baseline, baseline_sps_hopper is the same run of that revision's
+  script;
+- outside --quick, or with --random-phase: each script's random-action phase on Humanoid-v4 (20k steps, learning
+  never starts), random_phase_sps from its console, env_sps the environment's own rate with random actions
+  measured in this process over as many steps, and random_phase_fraction = their ratio (results["random_phase"]).
 
 - num_seeds (outside --quick, or with --num-seeds 1 3 5): total updates/s (seeds × calls/s) of the train step
   of N seeds in one call (--num-seeds N of the scripts); vs_one_seed, its ratio to the single-seed rate (the
@@ -58,6 +62,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,6 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["sac", "sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
 OBS_DIM, ACTION_DIM = 11, 3  # Hopper-v4
 FILLED = 100_000
+RANDOM_PHASE_ENV = "Humanoid-v4"  # 376-number observations: where a per-step buffer write cost the most
 SMALL_CONFIG = {"critic_hidden": 256, "batch_size": 256}  # the sizes people use on a CPU
 
 
@@ -324,12 +330,13 @@ def seeds_updates_per_s(module, config: dict, num_seeds: list[int], rounds: int,
     }
 
 
-def run_script(name: str, flags: list, python_code: str | None = None) -> str:
-    """Runs a from-scratch script in a scratch directory and returns its console; a one-line error if it fails."""
+def run_script(name: str, flags: list, python_code: str | None = None, folder: Path = REPO / "from_scratch") -> str:
+    """Runs a from-scratch script (<folder>/<name>.py) in a scratch directory and returns its console; a one-line
+    error if it fails."""
     command = [sys.executable] + (["-c", python_code] if python_code else [])
     with tempfile.TemporaryDirectory() as workdir:
         result = subprocess.run(
-            command + [str(REPO / "from_scratch" / f"{name}.py")] + flags,
+            command + [str(folder / f"{name}.py")] + flags,
             cwd=workdir,
             capture_output=True,
             text=True,
@@ -342,10 +349,15 @@ def run_script(name: str, flags: list, python_code: str | None = None) -> str:
 
 
 def end_to_end_sps(
-    name: str, config: dict, learning_starts: int = 5_000, steps: int = 1_000, window: int = 250
+    name: str,
+    config: dict,
+    learning_starts: int = 5_000,
+    steps: int = 1_000,
+    window: int = 250,
+    folder: Path = REPO / "from_scratch",
 ) -> float:
     """Environment steps per second on Hopper-v4 after learning_starts, at the configuration's sizes, from the
-    script's console lines.
+    console lines of <folder>/<name>.py (a baseline's copy, or the working tree's).
 
     The first window after learning_starts holds the compilation and is left out; the others are combined as
     total steps over total time."""
@@ -354,6 +366,7 @@ def end_to_end_sps(
         ["--env-id", "Hopper-v4", "--learning-starts", str(learning_starts),
          "--total-timesteps", str(learning_starts + steps), "--console-every", str(window), "--eval-episodes", "0",
          *size_flags(config)],
+        folder=folder,
     )  # fmt: skip
     rates = [
         float(sps)
@@ -361,6 +374,29 @@ def end_to_end_sps(
         if int(step) > learning_starts + window
     ]
     return len(rates) / sum(1 / rate for rate in rates)
+
+
+def random_phase_rates(name: str, env_id: str = RANDOM_PHASE_ENV, steps: int = 20_000) -> dict:
+    """The script's random-action phase on env_id, in environment steps per second (its console's rate over all
+    `steps`, the buffer writes included), next to the environment's own rate with random actions, measured here
+    over as many steps (resets included): random_phase_fraction is their ratio."""
+    console = run_script(
+        name,
+        ["--env-id", env_id, "--total-timesteps", str(steps), "--learning-starts", str(steps + 1),
+         "--console-every", str(steps), "--eval-episodes", "0", *size_flags(SMALL_CONFIG)],
+    )  # fmt: skip
+    script_rate = float(re.findall(r"random actions: ([\d.]+) steps/s", console)[-1])
+    env = gym.make(env_id)
+    env.action_space.seed(0)
+    env.reset(seed=0)
+    start = time.perf_counter()
+    for _ in range(steps):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    env_rate = steps / (time.perf_counter() - start)
+    env.close()
+    return {"random_phase_sps": script_rate, "env_sps": env_rate, "random_phase_fraction": script_rate / env_rate}
 
 
 def buffer_peak_rss_gib(name: str, config: dict) -> dict:
@@ -430,6 +466,12 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
         help="also measure N seeds in one call (--num-seeds N) for these N (default: 1 3 5 outside --quick)",
     )
     parser.add_argument(
+        "--random-phase",
+        action="store_true",
+        help=f"also with --quick: each script's random-action phase on {RANDOM_PHASE_ENV} against the environment's "
+        "own step rate",
+    )
+    parser.add_argument(
         "--default-malloc",
         action="store_true",
         help="leave glibc's malloc as it is (the scripts call reuse_freed_memory() first; this shows what it gains)",
@@ -448,6 +490,7 @@ COLUMNS = [
     "roofline_fraction",
     "compile_s",
     "sps_hopper",
+    "baseline_sps_hopper",
     "buffer_peak_rss_gib",
     "separate_storage_gib",
     "buffer_memory_ratio",
@@ -472,6 +515,13 @@ def print_results(results: dict):
             f"{figures[c]:>24.3g}" if c != "flops_per_update" else f"{figures[c] / 1e9:>20.2f} GF" for c in columns
         )
         print(f"{name:<22}{label:<22}{cells}")
+    if results["random_phase"]:
+        print(f"\nrandom-action phase on {RANDOM_PHASE_ENV}: the script's steps/s, the environment's own, their ratio")
+        for name, figures in results["random_phase"].items():
+            print(
+                f"{name:<22}{figures['random_phase_sps']:>12.0f}{figures['env_sps']:>12.0f}"
+                f"{figures['random_phase_fraction']:>12.2f}"
+            )
     if "num_seeds" in rows[0][2]:
         print("\nN seeds in one call: total updates/s (ratio to one seed's rate; ratio to N × one seed's rate)")
         for name, label, figures in rows:
@@ -504,6 +554,7 @@ def main(argv: list[str] | None = None):
             "matmul_gflops": matmul_gflops(),
             "baseline": {"ref": options.baseline, "commit": commit} if options.baseline else None,
             "configs": {},
+            "random_phase": {},
         }
         for name, module in modules.items():
             for label, config in configurations(options, module.Args()).items():
@@ -511,6 +562,8 @@ def main(argv: list[str] | None = None):
                 figures = measure_script(module, config, rounds, cycles_per_round, baselines.get(name))
                 if not options.quick:
                     figures["sps_hopper"] = end_to_end_sps(name, config)
+                    if baselines:
+                        figures["baseline_sps_hopper"] = end_to_end_sps(name, config, folder=Path(directory))
                     figures.update(buffer_peak_rss_gib(name, config))
                 if num_seeds:
                     figures["num_seeds"] = seeds_updates_per_s(module, config, num_seeds, rounds, cycles_per_round)
@@ -518,6 +571,9 @@ def main(argv: list[str] | None = None):
                     figures["flops_per_update"] * figures["updates_per_s"] / (results["matmul_gflops"] * 1e9)
                 )
                 results["configs"].setdefault(label, {**config, "scripts": {}})["scripts"][name] = figures
+            if options.random_phase or not options.quick:
+                print(f"measuring {name}'s random-action phase on {RANDOM_PHASE_ENV} ...", file=sys.stderr, flush=True)
+                results["random_phase"][name] = random_phase_rates(name)
 
     print_results(results)
     if options.json:

@@ -358,6 +358,10 @@ class VelocityNet(nn.Module):
         x = jnp.concatenate([state, action, time_features], axis=-1)
         return self.gate(x) * (self.candidate_net(x) - action)
 
+    def state_context(self, state):
+        """What the velocity computes from the state alone, once per rollout: here nothing, the state itself."""
+        return state
+
 
 # σ ≤ √2 keeps every compensated step stable: step k multiplies A_k by 1 − Δt σ²/(2(1 − t_k)), which at the last
 # step (1 − t = Δt) is 1 − σ²/2 for any K, in [0, 1] for σ ≤ √2 (below −1, amplifying, for σ > 2). With the bound
@@ -393,7 +397,8 @@ class FlowPolicy(nn.Module):
     def velocity_at(self, state, action, t):
         """v_θ(s, A, t) on normalised states, t a Python or scalar time shared by the batch."""
         time_features = self.time_embedding(jnp.full((1, 1), t, jnp.float32))
-        return self.velocity(state, action, jnp.broadcast_to(time_features, (action.shape[0], time_features.shape[-1])))
+        time_features = jnp.broadcast_to(time_features, (action.shape[0], time_features.shape[-1]))
+        return self.velocity(self.velocity.state_context(state), action, time_features)
 
     def __call__(self, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
         state = self.state_norm(obs, train)
@@ -404,6 +409,9 @@ class FlowPolicy(nn.Module):
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
+        # What the velocity computes from the state alone, and φ(t_k) for every k: once for the whole rollout.
+        state_context = self.velocity.state_context(state)
+        time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         action = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
         path = [action]
@@ -411,7 +419,8 @@ class FlowPolicy(nn.Module):
             t = k * dt
             if action_perturbations is not None:
                 action = action + action_perturbations[k]
-            velocity = self.velocity_at(state, action, t)
+            step_time = jnp.broadcast_to(time_features[k], (action.shape[0], time_features.shape[-1]))
+            velocity = self.velocity(state_context, action, step_time)
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
             step_std = sigma * math.sqrt(dt)
@@ -615,6 +624,7 @@ def over_seeds(function: Callable) -> Callable:
 class TrainFunctions(NamedTuple):
     train_step: Callable  # jitted, over seeds; once learning has started, the one call per environment step
     add_transition: Callable  # jitted, over seeds; stores a transition before learning starts
+    add_transitions: Callable  # jitted, over seeds; stores a block of them (inputs with a time axis after the seeds)
     evaluation_action: Callable  # jitted, one agent; deterministic action (ε = 0)
     update_critic: Callable  # the pieces of train_step, not jitted (tests and bench/speed.py use them)
     update_actor_and_alpha: Callable
@@ -788,6 +798,12 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         buffer = buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end)
         return agent.replace(buffer=buffer), None
 
+    def add_transitions(agent: AgentState, *block):
+        buffer, _ = jax.lax.scan(
+            lambda buffer, transition: (buffer_add(buffer, *transition), None), agent.buffer, block
+        )
+        return agent.replace(buffer=buffer), None
+
     def evaluation_action(params, batch_stats, obs, key):
         """Deterministic action: ε = 0 at every flow step; A_0 sampled unless --eval-zero-initial-noise."""
         initial_noise = jax.random.normal(key, (1, action_dim))
@@ -802,11 +818,29 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
     return TrainFunctions(
         train_step=jax.jit(over_seeds(train_step), donate_argnums=0),
         add_transition=jax.jit(over_seeds(add_transition), donate_argnums=0),
+        add_transitions=jax.jit(over_seeds(add_transitions), donate_argnums=0),
         evaluation_action=jax.jit(evaluation_action),
         update_critic=update_critic,
         update_actor_and_alpha=update_actor_and_alpha,
         sample_actions=sample_actions,
     )
+
+
+RANDOM_BLOCK = 1000  # random-phase transitions per write to the device buffer
+
+
+def store_transitions(agents: list, pending: list, functions: TrainFunctions, block: int = RANDOM_BLOCK) -> list:
+    """Writes the host's `pending` transitions (each a tuple of per-step arrays with a leading seed axis) to the
+    agents' buffers, in order, and empties the list: `block` at a time, the rest one by one, so that neither
+    function compiles more than once."""
+    while len(pending) >= block:
+        block_fields = [np.stack(field, axis=1) for field in zip(*pending[:block])]  # (seeds, block, ...)
+        agents, _ = functions.add_transitions(agents, *block_fields)
+        del pending[:block]
+    for transition in pending:
+        agents, _ = functions.add_transition(agents, *transition)
+    pending.clear()
+    return agents
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1179,9 +1213,11 @@ def main():
         if episode_continues:
             obs, actions = checkpoint["environment"]["obs"][None], checkpoint["environment"]["action"][None]
         agents = restore_agent(args, checkpoint, obs_dim, action_dim, episode_continues)
-    train_step, add_transition, evaluation_action, *_ = make_train_functions(
-        args, action_dim, action_scale, action_bias
-    )
+    functions = make_train_functions(args, action_dim, action_scale, action_bias)
+    train_step, evaluation_action = functions.train_step, functions.evaluation_action
+    # Random actions: the transitions wait on the host and reach the device buffer RANDOM_BLOCK at a time (a jitted
+    # call per step cost more than the environment step), and all of them before training or a checkpoint.
+    pending_transitions = []
 
     checkpoint_step = None if checkpoint is None else start_step
     stop = catch_stop_signals()
@@ -1207,17 +1243,16 @@ def main():
                 observation, _ = env.reset()
             policy_obs.append(observation)
         transition = (
-            jnp.asarray(obs, jnp.float32),
-            jnp.asarray(actions, jnp.float32),
-            jnp.asarray(rewards, jnp.float32),
-            jnp.asarray(np.stack(next_obs), jnp.float32),
-            jnp.asarray(terminations, jnp.float32),
-            jnp.asarray(episode_ends, jnp.bool_),
+            np.asarray(obs, np.float32),
+            np.asarray(actions, np.float32),
+            np.asarray(rewards, np.float32),
+            np.asarray(next_obs, np.float32),
+            np.asarray(terminations, np.float32),
+            np.asarray(episode_ends, np.bool_),
         )
         if global_step + 1 >= args.learning_starts:
-            agents, (actions, metrics, all_finite) = train_step(
-                agents, *transition, jnp.asarray(np.stack(policy_obs), jnp.float32)
-            )
+            agents = store_transitions(agents, pending_transitions, functions)
+            agents, (actions, metrics, all_finite) = train_step(agents, *transition, np.asarray(policy_obs, np.float32))
             actions = np.asarray(actions)
             if not np.all(all_finite):
                 i = int(np.argmin(all_finite))
@@ -1228,7 +1263,9 @@ def main():
                 for i, logger in enumerate(loggers):
                     logger.log(global_step, {key: value[i] for key, value in metrics.items()})
         else:
-            agents, _ = add_transition(agents, *transition)
+            pending_transitions.append(transition)
+            if len(pending_transitions) == RANDOM_BLOCK:
+                agents = store_transitions(agents, pending_transitions, functions)
             actions = np.stack([env.action_space.sample() for env in envs])
         obs = np.stack(policy_obs)
 
@@ -1279,6 +1316,7 @@ def main():
             phase["start_time"] += time.time() - eval_start
         # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            agents = store_transitions(agents, pending_transitions, functions)
             for i, run_dir in enumerate(run_dirs):
                 environment = environment_state(envs[i], eval_envs[i], obs[i], actions[i])
                 save_checkpoint(run_dir, agents[i], step, wandb_ids[i], environment)
@@ -1288,6 +1326,7 @@ def main():
 
     if stop["signal"] is not None:
         if args.checkpoint_on_exit and checkpoint_step != step:
+            agents = store_transitions(agents, pending_transitions, functions)
             for i, run_dir in enumerate(run_dirs):
                 environment = environment_state(envs[i], eval_envs[i], obs[i], actions[i])
                 save_checkpoint(run_dir, agents[i], step, wandb_ids[i], environment)

@@ -320,41 +320,78 @@ class TimeEmbedding(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm decoder block, no self-attention: Y = Φ_A + CrossAttn(LN(Φ_A), LN(Φ_S)); Φ_A' = Y + FFN(LN(Y))."""
+    """Pre-norm decoder block, no self-attention: Y = Φ_A + CrossAttn(LN(Φ_A), LN(Φ_S)); Φ_A' = Y + FFN(LN(Y)).
+
+    Multi-head attention of each row's action token (batch, d_model) over that row's m context tokens
+    (batch, m, d_model). The keys and values depend on the state alone: `keys_and_values` computes them once per
+    rollout and every flow step reuses them.
+    """
 
     d_model: int
     n_heads: int
 
-    @nn.compact
-    def __call__(self, action_token, state_token):
-        query = nn.LayerNorm(name="query_norm")(action_token)
-        context = nn.LayerNorm(name="context_norm")(state_token)  # keys and values come from the state token alone
-        y = action_token + nn.MultiHeadDotProductAttention(self.n_heads, name="cross_attention")(query, context)
-        hidden = nn.gelu(nn.Dense(4 * self.d_model, name="ffn_hidden")(nn.LayerNorm(name="ffn_norm")(y)))
-        return y + nn.Dense(self.d_model, name="ffn_out")(hidden)
+    def setup(self):
+        head_shape = (self.n_heads, self.d_model // self.n_heads)
+        self.context_norm = nn.LayerNorm()
+        self.key = nn.DenseGeneral(head_shape)
+        self.value = nn.DenseGeneral(head_shape)
+        self.query_norm = nn.LayerNorm()
+        self.query = nn.DenseGeneral(head_shape)
+        self.attention_out = nn.DenseGeneral(self.d_model, axis=(-2, -1))
+        self.ffn_norm = nn.LayerNorm()
+        self.ffn_hidden = nn.Dense(4 * self.d_model)
+        self.ffn_out = nn.Dense(self.d_model)
+
+    def keys_and_values(self, context_tokens):
+        """(keys, values), each (batch, m, n_heads, head_dim). With one context token (the state), its attention
+        weight is 1 whatever the query, so queries and keys have no effect (and no gradient): keys is None and
+        neither is computed."""
+        context = self.context_norm(context_tokens)
+        keys = self.key(context) if context_tokens.shape[1] > 1 else None
+        return keys, self.value(context)
+
+    def __call__(self, action_token, keys, values):
+        if keys is None:
+            attended = values[:, 0]
+        else:
+            queries = self.query(self.query_norm(action_token))  # (batch, n_heads, head_dim)
+            scores = jnp.einsum("bhd,bmhd->bhm", queries, keys) / math.sqrt(queries.shape[-1])
+            attended = jnp.einsum("bhm,bmhd->bhd", nn.softmax(scores, axis=-1), values)
+        y = action_token + self.attention_out(attended)
+        return y + self.ffn_out(nn.gelu(self.ffn_hidden(self.ffn_norm(y))))
 
 
 class VelocityNet(nn.Module):
-    """Flow-T velocity: Φ_A = E_A([A_k, φ(t_k)]), Φ_S = E_S(s), n_layers decoder blocks, v = W_o(LN(Φ_A))."""
+    """Flow-T velocity: Φ_A = E_A([A_k, φ(t_k)]), Φ_S = E_S(s), n_layers decoder blocks, v = W_o(LN(Φ_A)).
+
+    `state_context(s)` is the part that depends on the state alone (E_S and each block's keys and values), computed
+    once per rollout; `__call__(state_context, A_k, φ(t_k))` is the rest, once per flow step.
+    """
 
     action_dim: int
     d_model: int
     n_heads: int
     n_layers: int
 
-    @nn.compact
-    def __call__(self, state, action, time_features):
-        # Token sequences of length 1, shape (batch, 1, d_model): a row attends only to its own state token.
-        action_token = nn.Dense(self.d_model, name="action_time_embedding")(
-            jnp.concatenate([action, time_features], axis=-1)
-        )[:, None]
+    def setup(self):
+        self.state_hidden = nn.Dense(self.d_model // 2)
+        self.state_embedding = nn.Dense(self.d_model)
+        self.action_time_embedding = nn.Dense(self.d_model)
+        self.blocks = [DecoderBlock(self.d_model, self.n_heads) for _ in range(self.n_layers)]
+        self.output_norm = nn.LayerNorm()
+        self.output = nn.Dense(self.action_dim)
+
+    def state_context(self, state):
         # E_S is a small MLP, as in the released code: with one context token the attention passes on a linear map
         # of LN(Φ_S) whatever the query, so a linear E_S would leave the velocity only a linear view of the state.
-        state_hidden = nn.swish(nn.Dense(self.d_model // 2, name="state_hidden")(state))
-        state_token = nn.Dense(self.d_model, name="state_embedding")(state_hidden)[:, None]
-        for _ in range(self.n_layers):
-            action_token = DecoderBlock(self.d_model, self.n_heads)(action_token, state_token)
-        return nn.Dense(self.action_dim, name="output")(nn.LayerNorm(name="output_norm")(action_token))[:, 0]
+        state_token = self.state_embedding(nn.swish(self.state_hidden(state)))[:, None]  # one context token per row
+        return [block.keys_and_values(state_token) for block in self.blocks]
+
+    def __call__(self, state_context, action, time_features):
+        action_token = self.action_time_embedding(jnp.concatenate([action, time_features], axis=-1))
+        for block, (keys, values) in zip(self.blocks, state_context):
+            action_token = block(action_token, keys, values)
+        return self.output(self.output_norm(action_token))
 
 
 # σ ≤ √2 keeps every compensated step stable: step k multiplies A_k by 1 − Δt σ²/(2(1 − t_k)), which at the last
@@ -392,7 +429,8 @@ class FlowPolicy(nn.Module):
     def velocity_at(self, state, action, t):
         """v_θ(s, A, t) on normalised states, t a Python or scalar time shared by the batch."""
         time_features = self.time_embedding(jnp.full((1, 1), t, jnp.float32))
-        return self.velocity(state, action, jnp.broadcast_to(time_features, (action.shape[0], time_features.shape[-1])))
+        time_features = jnp.broadcast_to(time_features, (action.shape[0], time_features.shape[-1]))
+        return self.velocity(self.velocity.state_context(state), action, time_features)
 
     def __call__(self, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
         state = self.state_norm(obs, train)
@@ -403,6 +441,9 @@ class FlowPolicy(nn.Module):
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
+        # What the velocity computes from the state alone, and φ(t_k) for every k: once for the whole rollout.
+        state_context = self.velocity.state_context(state)
+        time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         action = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
         path = [action]
@@ -410,7 +451,8 @@ class FlowPolicy(nn.Module):
             t = k * dt
             if action_perturbations is not None:
                 action = action + action_perturbations[k]
-            velocity = self.velocity_at(state, action, t)
+            step_time = jnp.broadcast_to(time_features[k], (action.shape[0], time_features.shape[-1]))
+            velocity = self.velocity(state_context, action, step_time)
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
             step_std = sigma * math.sqrt(dt)
@@ -609,6 +651,7 @@ def over_seeds(function: Callable) -> Callable:
 class TrainFunctions(NamedTuple):
     train_step: Callable  # jitted, over seeds; once learning has started, the one call per environment step
     add_transition: Callable  # jitted, over seeds; stores a transition before learning starts
+    add_transitions: Callable  # jitted, over seeds; stores a block of them (inputs with a time axis after the seeds)
     evaluation_action: Callable  # jitted, one agent; deterministic action (ε = 0)
     update_critic: Callable  # the pieces of train_step, not jitted (tests and bench/speed.py use them)
     update_actor_and_alpha: Callable
@@ -782,6 +825,12 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         buffer = buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end)
         return agent.replace(buffer=buffer), None
 
+    def add_transitions(agent: AgentState, *block):
+        buffer, _ = jax.lax.scan(
+            lambda buffer, transition: (buffer_add(buffer, *transition), None), agent.buffer, block
+        )
+        return agent.replace(buffer=buffer), None
+
     def evaluation_action(params, batch_stats, obs, key):
         """Deterministic action: ε = 0 at every flow step; A_0 sampled unless --eval-zero-initial-noise."""
         initial_noise = jax.random.normal(key, (1, action_dim))
@@ -796,11 +845,29 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
     return TrainFunctions(
         train_step=jax.jit(over_seeds(train_step), donate_argnums=0),
         add_transition=jax.jit(over_seeds(add_transition), donate_argnums=0),
+        add_transitions=jax.jit(over_seeds(add_transitions), donate_argnums=0),
         evaluation_action=jax.jit(evaluation_action),
         update_critic=update_critic,
         update_actor_and_alpha=update_actor_and_alpha,
         sample_actions=sample_actions,
     )
+
+
+RANDOM_BLOCK = 1000  # random-phase transitions per write to the device buffer
+
+
+def store_transitions(agents: list, pending: list, functions: TrainFunctions, block: int = RANDOM_BLOCK) -> list:
+    """Writes the host's `pending` transitions (each a tuple of per-step arrays with a leading seed axis) to the
+    agents' buffers, in order, and empties the list: `block` at a time, the rest one by one, so that neither
+    function compiles more than once."""
+    while len(pending) >= block:
+        block_fields = [np.stack(field, axis=1) for field in zip(*pending[:block])]  # (seeds, block, ...)
+        agents, _ = functions.add_transitions(agents, *block_fields)
+        del pending[:block]
+    for transition in pending:
+        agents, _ = functions.add_transition(agents, *transition)
+    pending.clear()
+    return agents
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1177,9 +1244,11 @@ def main():
         if episode_continues:
             obs, actions = checkpoint["environment"]["obs"][None], checkpoint["environment"]["action"][None]
         agents = restore_agent(args, checkpoint, obs_dim, action_dim, episode_continues)
-    train_step, add_transition, evaluation_action, *_ = make_train_functions(
-        args, action_dim, action_scale, action_bias
-    )
+    functions = make_train_functions(args, action_dim, action_scale, action_bias)
+    train_step, evaluation_action = functions.train_step, functions.evaluation_action
+    # Random actions: the transitions wait on the host and reach the device buffer RANDOM_BLOCK at a time (a jitted
+    # call per step cost more than the environment step), and all of them before training or a checkpoint.
+    pending_transitions = []
 
     checkpoint_step = None if checkpoint is None else start_step
     stop = catch_stop_signals()
@@ -1205,17 +1274,16 @@ def main():
                 observation, _ = env.reset()
             policy_obs.append(observation)
         transition = (
-            jnp.asarray(obs, jnp.float32),
-            jnp.asarray(actions, jnp.float32),
-            jnp.asarray(rewards, jnp.float32),
-            jnp.asarray(np.stack(next_obs), jnp.float32),
-            jnp.asarray(terminations, jnp.float32),
-            jnp.asarray(episode_ends, jnp.bool_),
+            np.asarray(obs, np.float32),
+            np.asarray(actions, np.float32),
+            np.asarray(rewards, np.float32),
+            np.asarray(next_obs, np.float32),
+            np.asarray(terminations, np.float32),
+            np.asarray(episode_ends, np.bool_),
         )
         if global_step + 1 >= args.learning_starts:
-            agents, (actions, metrics, all_finite) = train_step(
-                agents, *transition, jnp.asarray(np.stack(policy_obs), jnp.float32)
-            )
+            agents = store_transitions(agents, pending_transitions, functions)
+            agents, (actions, metrics, all_finite) = train_step(agents, *transition, np.asarray(policy_obs, np.float32))
             actions = np.asarray(actions)
             if not np.all(all_finite):
                 i = int(np.argmin(all_finite))
@@ -1226,7 +1294,9 @@ def main():
                 for i, logger in enumerate(loggers):
                     logger.log(global_step, {key: value[i] for key, value in metrics.items()})
         else:
-            agents, _ = add_transition(agents, *transition)
+            pending_transitions.append(transition)
+            if len(pending_transitions) == RANDOM_BLOCK:
+                agents = store_transitions(agents, pending_transitions, functions)
             actions = np.stack([env.action_space.sample() for env in envs])
         obs = np.stack(policy_obs)
 
@@ -1277,6 +1347,7 @@ def main():
             phase["start_time"] += time.time() - eval_start
         # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
+            agents = store_transitions(agents, pending_transitions, functions)
             for i, run_dir in enumerate(run_dirs):
                 environment = environment_state(envs[i], eval_envs[i], obs[i], actions[i])
                 save_checkpoint(run_dir, agents[i], step, wandb_ids[i], environment)
@@ -1286,6 +1357,7 @@ def main():
 
     if stop["signal"] is not None:
         if args.checkpoint_on_exit and checkpoint_step != step:
+            agents = store_transitions(agents, pending_transitions, functions)
             for i, run_dir in enumerate(run_dirs):
                 environment = environment_state(envs[i], eval_envs[i], obs[i], actions[i])
                 save_checkpoint(run_dir, agents[i], step, wandb_ids[i], environment)

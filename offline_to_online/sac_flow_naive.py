@@ -459,6 +459,10 @@ class VelocityNet(nn.Module):
         h = nn.relu(nn.Dense(self.hidden)(h))
         return nn.Dense(self.chunk_dim)(h)
 
+    def state_context(self, state):
+        """What the velocity computes from the state alone, once per rollout: here nothing, the state itself."""
+        return state
+
 
 # sigma <= sqrt 2 keeps every compensated step stable: step k multiplies A_k by 1 - dt sigma^2 / (2(1 - t_k)), which
 # at the last step (1 - t = dt) is 1 - sigma^2 / 2 for any K: in [0, 1] for sigma <= sqrt 2, amplifying for sigma > 2.
@@ -472,7 +476,7 @@ class FlowPolicy(nn.Module):
     Returns the path A_0..A_K (K+1, B, D), sigma (B, D) and the Gaussian part of log pi (B,).
     """
 
-    velocity_net: nn.Module  # v(state, x, time_features) -> (B, D), the variant's velocity network
+    velocity_net: nn.Module  # v(state_context(state), x, time_features) -> (B, D), the variant's velocity network
     chunk_dim: int
     flow_steps: int
     noise_std: float
@@ -486,8 +490,9 @@ class FlowPolicy(nn.Module):
             self.log_sigma_out = nn.Dense(self.chunk_dim, kernel_init=nn.initializers.zeros)
 
     def velocity(self, observations, x, t):
-        """v(LN(s), x, phi(t)) for times t of shape (B, 1): used by the rollout and by flow-matching BC."""
-        return self.velocity_net(self.state_norm(observations), x, self.time_embedding(t))
+        """v(LN(s), x, phi(t)) for times t of shape (B, 1): flow-matching BC."""
+        state_context = self.velocity_net.state_context(self.state_norm(observations))
+        return self.velocity_net(state_context, x, self.time_embedding(t))
 
     def __call__(self, observations, initial_noise, step_noise):
         if self.noise_std > 0:
@@ -497,12 +502,16 @@ class FlowPolicy(nn.Module):
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
+        # What the velocity computes from the state alone, and phi(t_k) for every k: once for the whole rollout.
+        state_context = self.velocity_net.state_context(self.state_norm(observations))
+        time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         x = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
         path = [x]
         for k in range(self.flow_steps):
             t = k * dt
-            velocity = self.velocity(observations, x, jnp.full((x.shape[0], 1), t, jnp.float32))
+            step_time = jnp.broadcast_to(time_features[k], (x.shape[0], time_features.shape[-1]))
+            velocity = self.velocity_net(state_context, x, step_time)
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * x
             step_std = sigma * math.sqrt(dt)

@@ -454,41 +454,78 @@ class TimeEmbedding(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm decoder block without self-attention: Y = Phi_A + CrossAttn(LN(Phi_A), LN(Phi_S)), Y + FFN(LN(Y))."""
+    """Pre-norm decoder block without self-attention: Y = Phi_A + CrossAttn(LN(Phi_A), LN(Phi_S)), Y + FFN(LN(Y)).
+
+    Multi-head attention of each row's action token (B, d_model) over that row's m context tokens (B, m, d_model).
+    The keys and values depend on the state alone: `keys_and_values` computes them once per rollout and every flow
+    step reuses them.
+    """
 
     d_model: int
     n_heads: int
 
-    @nn.compact
-    def __call__(self, action_token, state_token):
-        query = nn.LayerNorm(name="query_norm")(action_token)
-        context = nn.LayerNorm(name="context_norm")(state_token)  # keys and values come from the state token alone
-        y = action_token + nn.MultiHeadDotProductAttention(self.n_heads, name="cross_attention")(query, context)
-        hidden = nn.gelu(nn.Dense(4 * self.d_model, name="ffn_hidden")(nn.LayerNorm(name="ffn_norm")(y)))
-        return y + nn.Dense(self.d_model, name="ffn_out")(hidden)
+    def setup(self):
+        head_shape = (self.n_heads, self.d_model // self.n_heads)
+        self.context_norm = nn.LayerNorm()
+        self.key = nn.DenseGeneral(head_shape)
+        self.value = nn.DenseGeneral(head_shape)
+        self.query_norm = nn.LayerNorm()
+        self.query = nn.DenseGeneral(head_shape)
+        self.attention_out = nn.DenseGeneral(self.d_model, axis=(-2, -1))
+        self.ffn_norm = nn.LayerNorm()
+        self.ffn_hidden = nn.Dense(4 * self.d_model)
+        self.ffn_out = nn.Dense(self.d_model)
+
+    def keys_and_values(self, context_tokens):
+        """(keys, values), each (B, m, n_heads, head_dim). With one context token (the state), its attention weight
+        is 1 whatever the query, so queries and keys have no effect (and no gradient): keys is None and neither is
+        computed."""
+        context = self.context_norm(context_tokens)
+        keys = self.key(context) if context_tokens.shape[1] > 1 else None
+        return keys, self.value(context)
+
+    def __call__(self, action_token, keys, values):
+        if keys is None:
+            attended = values[:, 0]
+        else:
+            queries = self.query(self.query_norm(action_token))  # (B, n_heads, head_dim)
+            scores = jnp.einsum("bhd,bmhd->bhm", queries, keys) / math.sqrt(queries.shape[-1])
+            attended = jnp.einsum("bhm,bmhd->bhd", nn.softmax(scores, axis=-1), values)
+        y = action_token + self.attention_out(attended)
+        return y + self.ffn_out(nn.gelu(self.ffn_hidden(self.ffn_norm(y))))
 
 
 class VelocityNet(nn.Module):
-    """Flow-T velocity: Phi_A = E_A([A_k, phi(t_k)]), Phi_S = E_S(s), n_layers decoder blocks, v = W_o(LN(Phi_A))."""
+    """Flow-T velocity: Phi_A = E_A([A_k, phi(t_k)]), Phi_S = E_S(s), n_layers decoder blocks, v = W_o(LN(Phi_A)).
+
+    `state_context(s)` is the part that depends on the state alone (E_S and each block's keys and values), computed
+    once per rollout; `__call__(state_context, A_k, phi(t_k))` is the rest, once per flow step.
+    """
 
     chunk_dim: int
     d_model: int
     n_heads: int
     n_layers: int
 
-    @nn.compact
-    def __call__(self, state, x, time_features):
-        # Token sequences of length 1, shape (batch, 1, d_model): a row attends only to its own state token.
-        action_token = nn.Dense(self.d_model, name="action_time_embedding")(
-            jnp.concatenate([x, time_features], axis=-1)
-        )[:, None]
+    def setup(self):
+        self.state_hidden = nn.Dense(self.d_model // 2)
+        self.state_embedding = nn.Dense(self.d_model)
+        self.action_time_embedding = nn.Dense(self.d_model)
+        self.blocks = [DecoderBlock(self.d_model, self.n_heads) for _ in range(self.n_layers)]
+        self.output_norm = nn.LayerNorm()
+        self.output = nn.Dense(self.chunk_dim)
+
+    def state_context(self, state):
         # E_S is a small MLP, as in the released code: with one context token the attention passes on a linear map
         # of LN(Phi_S) whatever the query, so a linear E_S would leave the velocity only a linear view of the state.
-        state_hidden = nn.swish(nn.Dense(self.d_model // 2, name="state_hidden")(state))
-        state_token = nn.Dense(self.d_model, name="state_embedding")(state_hidden)[:, None]
-        for _ in range(self.n_layers):
-            action_token = DecoderBlock(self.d_model, self.n_heads)(action_token, state_token)
-        return nn.Dense(self.chunk_dim, name="output")(nn.LayerNorm(name="output_norm")(action_token))[:, 0]
+        state_token = self.state_embedding(nn.swish(self.state_hidden(state)))[:, None]  # one context token per row
+        return [block.keys_and_values(state_token) for block in self.blocks]
+
+    def __call__(self, state_context, x, time_features):
+        action_token = self.action_time_embedding(jnp.concatenate([x, time_features], axis=-1))
+        for block, (keys, values) in zip(self.blocks, state_context):
+            action_token = block(action_token, keys, values)
+        return self.output(self.output_norm(action_token))
 
 
 # sigma <= sqrt 2 keeps every compensated step stable: step k multiplies A_k by 1 - dt sigma^2 / (2(1 - t_k)), which
@@ -503,7 +540,7 @@ class FlowPolicy(nn.Module):
     Returns the path A_0..A_K (K+1, B, D), sigma (B, D) and the Gaussian part of log pi (B,).
     """
 
-    velocity_net: nn.Module  # v(state, x, time_features) -> (B, D), the variant's velocity network
+    velocity_net: nn.Module  # v(state_context(state), x, time_features) -> (B, D), the variant's velocity network
     chunk_dim: int
     flow_steps: int
     noise_std: float
@@ -517,8 +554,9 @@ class FlowPolicy(nn.Module):
             self.log_sigma_out = nn.Dense(self.chunk_dim, kernel_init=nn.initializers.zeros)
 
     def velocity(self, observations, x, t):
-        """v(LN(s), x, phi(t)) for times t of shape (B, 1): used by the rollout and by flow-matching BC."""
-        return self.velocity_net(self.state_norm(observations), x, self.time_embedding(t))
+        """v(LN(s), x, phi(t)) for times t of shape (B, 1): flow-matching BC."""
+        state_context = self.velocity_net.state_context(self.state_norm(observations))
+        return self.velocity_net(state_context, x, self.time_embedding(t))
 
     def __call__(self, observations, initial_noise, step_noise):
         if self.noise_std > 0:
@@ -528,12 +566,16 @@ class FlowPolicy(nn.Module):
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
+        # What the velocity computes from the state alone, and phi(t_k) for every k: once for the whole rollout.
+        state_context = self.velocity_net.state_context(self.state_norm(observations))
+        time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         x = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
         path = [x]
         for k in range(self.flow_steps):
             t = k * dt
-            velocity = self.velocity(observations, x, jnp.full((x.shape[0], 1), t, jnp.float32))
+            step_time = jnp.broadcast_to(time_features[k], (x.shape[0], time_features.shape[-1]))
+            velocity = self.velocity_net(state_context, x, step_time)
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * x
             step_std = sigma * math.sqrt(dt)

@@ -32,8 +32,8 @@ def assert_policy_sizes(script: str, policy_params: dict):
             assert [velocity[net][layer]["kernel"].shape[1] for layer in sorted(velocity[net])] == [64, 3]
     elif script == "sac_flow_transformer":
         velocity = policy_params["velocity"]
-        assert {k for k in velocity if k.startswith("DecoderBlock")} == {"DecoderBlock_0"}
-        assert velocity["DecoderBlock_0"]["cross_attention"]["query"]["kernel"].shape == (32, 2, 16)
+        assert {k for k in velocity if k.startswith("blocks")} == {"blocks_0"}
+        assert velocity["blocks_0"]["value"]["kernel"].shape == (32, 2, 16)
     else:
         kernels = [leaf.shape for leaf in jax.tree_util.tree_leaves(policy_params) if leaf.ndim == 2]
         assert (32, 32) in kernels, kernels

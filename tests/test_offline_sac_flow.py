@@ -94,7 +94,11 @@ def test_chunk_log_probability_matches_numpy(script):
         # The velocity network is a black box here, fed the NumPy-normalised state and the stored A_k.
         time_features = module.TimeEmbedding().apply({"params": p["time_embedding"]}, t)
         velocity = agent.policy.velocity_net.apply(
-            {"params": p["velocity_net"]}, state.astype(np.float32), path[k].astype(np.float32), time_features
+            {"params": p["velocity_net"]},
+            state.astype(np.float32),
+            path[k].astype(np.float32),
+            time_features,
+            method=lambda net, state, x, time_features: net(net.state_context(state), x, time_features),
         )
         velocity = np.asarray(velocity, np.float64)
         from_policy = agent.policy.apply(variables, obs, path[k], t, method="velocity")

@@ -82,3 +82,21 @@ def test_summary_steps_are_environment_steps_done_in_both_folders(tmp_path):
     RESULTS.write_summary("test", protocol, runs, str(tmp_path), state, str(tmp_path / "summary"))
     with open(tmp_path / "summary" / "summary.csv") as f:
         assert {(row["script"], int(row["step"])) for row in csv.DictReader(f)} == {("sac", 30000), ("qc_fql", 30000)}
+
+
+def test_sittings_with_disjoint_runs_keep_each_other_s_entries(tmp_path):
+    # Two sittings (--only a, --only b) started from the same state.json, each recording its own run.
+    RESULTS.record_run(str(tmp_path), "a/env/1", {"run_dir": "ra", "done": False, "seconds": 1.0})
+    first, second = RESULTS.read_state(str(tmp_path)), RESULTS.read_state(str(tmp_path))
+    first.update(RESULTS.record_run(str(tmp_path), "a/env/1", {"run_dir": "ra", "done": True, "seconds": 5.0}))
+    second.update(RESULTS.record_run(str(tmp_path), "b/env/1", {"run_dir": "rb", "done": True, "seconds": 7.0}))
+    on_disk = RESULTS.read_state(str(tmp_path))
+    assert (
+        on_disk
+        == second
+        == {
+            "a/env/1": {"run_dir": "ra", "done": True, "seconds": 5.0},
+            "b/env/1": {"run_dir": "rb", "done": True, "seconds": 7.0},
+        }
+    )
+    assert list(tmp_path.iterdir()) == [tmp_path / "state.json"]  # no temporary file left behind

@@ -190,8 +190,11 @@ def test_train_step_compiles_once_and_learns_something(script):
     args = small_args(module, policy_delay=2)
     obs_dim, action_dim = 3, 2
     agent = module.create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
-    train_step, add_transition, evaluation_action, *_ = module.make_train_functions(
-        args, action_dim, np.ones(2), np.zeros(2)
+    functions = module.make_train_functions(args, action_dim, np.ones(2), np.zeros(2))
+    train_step, add_transition, evaluation_action = (
+        functions.train_step,
+        functions.add_transition,
+        functions.evaluation_action,
     )
     rng = np.random.default_rng(0)
 
@@ -245,3 +248,42 @@ def test_train_step_writes_the_replay_buffer_in_place(script):
     hlo = train_step.lower([agent], *inputs).compile().as_text()
     copied = re.findall(r"= (\w+)\[(\d+)[,\]]\S* copy\(", hlo)
     assert [dtype for dtype, rows in copied if int(rows) == slots and dtype != "pred"] == []
+
+
+def test_random_phase_blocks_store_what_one_call_per_step_stores(script):
+    """The random phase's transitions, written a block at a time and the rest one by one, leave every seed's buffer
+    exactly as one add_transition per step does: rows, flags, slots and counters, with episode ends, terminations
+    and the buffer wrapping around (150 transitions in 64 slots)."""
+    module = load_script(script)
+    args = small_args(module)
+    obs_dim, action_dim, seeds, steps = 3, 2, 2, 150
+    functions = module.make_train_functions(args, action_dim, np.ones(2), np.zeros(2))
+    rng = np.random.default_rng(0)
+    transitions = [
+        (
+            rng.normal(size=(seeds, obs_dim)).astype(np.float32),
+            rng.uniform(-1, 1, size=(seeds, action_dim)).astype(np.float32),
+            rng.normal(size=seeds).astype(np.float32),
+            rng.normal(size=(seeds, obs_dim)).astype(np.float32),
+            (rng.uniform(size=seeds) < 0.05).astype(np.float32),
+            rng.uniform(size=seeds) < 0.1,
+        )
+        for _ in range(steps)
+    ]
+
+    def new_agents():
+        return [module.create_agent(args, jax.random.PRNGKey(seed), obs_dim, action_dim) for seed in range(seeds)]
+
+    one_by_one = new_agents()
+    for transition in transitions:
+        one_by_one, _ = functions.add_transition(one_by_one, *transition)
+    pending = list(transitions)
+    in_blocks = module.store_transitions(new_agents(), pending, functions, block=40)  # 3 blocks, then 30 single
+    assert pending == []
+    assert functions.add_transitions._cache_size() == 1
+    for expected, agent in zip(one_by_one, in_blocks):
+        for field in ("rows", "is_transition", "transition_slots", "num_added", "num_valid", "position"):
+            np.testing.assert_array_equal(getattr(agent.buffer, field), getattr(expected.buffer, field), field)
+    assert int(in_blocks[0].buffer.num_added) == steps and not np.array_equal(
+        in_blocks[0].buffer.rows, in_blocks[1].buffer.rows
+    )

@@ -147,6 +147,7 @@ def test_the_table_has_a_row_per_script_and_configuration(capsys):
             label: {"scripts": {"sac_flow_gru": figures, "sac": figures}}
             for label in ("critic1024_batch512", "critic256_batch256")
         },
+        "random_phase": {},
     }
     SPEED.print_results(results)
     lines = capsys.readouterr().out.splitlines()
@@ -160,3 +161,20 @@ def test_the_table_has_a_row_per_script_and_configuration(capsys):
         ["sac_flow_gru", "critic1024_batch512"],
         ["sac_flow_gru", "critic256_batch256"],
     ]
+
+
+def test_random_phase_rate_is_the_script_s_console_rate_over_the_environment_s_own(monkeypatch):
+    calls = []
+
+    def console(name, flags, **_):
+        calls.append((name, flags))
+        return "step 300/300 | random actions: 1234.5 steps/s, 0s left | latest return nan\n"
+
+    monkeypatch.setattr(SPEED, "run_script", console)
+    figures = SPEED.random_phase_rates("sac", env_id="Pendulum-v1", steps=300)
+    ((name, flags),) = calls
+    option = dict(zip(flags[::2], flags[1::2]))
+    assert name == "sac" and option["--env-id"] == "Pendulum-v1" and option["--total-timesteps"] == "300"
+    assert int(option["--learning-starts"]) > 300  # the whole run acts at random
+    assert figures["random_phase_sps"] == 1234.5 and figures["env_sps"] > 0
+    assert figures["random_phase_fraction"] == pytest.approx(1234.5 / figures["env_sps"])

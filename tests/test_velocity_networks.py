@@ -98,13 +98,21 @@ def test_flow_g_velocity_is_gate_times_candidate_minus_action(hidden_layers):
 # Flow-T
 
 D_MODEL, N_HEADS, N_LAYERS = 8, 2, 2
+FLOW_T_SCRIPTS = pytest.mark.parametrize(
+    "script", [transformer, offline_transformer], ids=["from_scratch", "offline_to_online"]
+)
+
+
+def whole_velocity(net, state, action, time_features):
+    """One evaluation of v: the state's context, then the flow step (the rollout computes the context once)."""
+    return net(net.state_context(state), action, time_features)
 
 
 def make_transformer_velocity(seed: int = 4, script=transformer):
     net = script.VelocityNet(ACTION_DIM, D_MODEL, N_HEADS, N_LAYERS)
     state, action, time_features = random_inputs()
-    params = perturbed(net.init(jax.random.PRNGKey(seed), state, action, time_features)["params"], seed=seed + 1)
-    return net, params
+    params = net.init(jax.random.PRNGKey(seed), state, action, time_features, method=whole_velocity)["params"]
+    return net, perturbed(params, seed=seed + 1)
 
 
 def layer_norm_np(p, x):
@@ -135,33 +143,96 @@ def cross_attention_np(p, queries, context):
             value = context[row] @ p["value"]["kernel"][:, h] + p["value"]["bias"][h]
             scores = k @ q / np.sqrt(head_dim)
             weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
-            out[row] += (weights @ value) @ p["out"]["kernel"][h]
-    return out + p["out"]["bias"]
+            out[row] += (weights @ value) @ p["attention_out"]["kernel"][h]
+    return out + p["attention_out"]["bias"]
+
+
+def random_query_and_key(rng):
+    """A query LayerNorm and query and key projections for a block that has none (one context token): with any of
+    them that token gets attention weight 1, so the NumPy attention may use these."""
+    shape = (D_MODEL, N_HEADS, D_MODEL // N_HEADS)
+    norm = {"scale": rng.normal(size=D_MODEL), "bias": rng.normal(size=D_MODEL)}
+    query = {"kernel": rng.normal(size=shape), "bias": rng.normal(size=shape[1:])}
+    key = {"kernel": rng.normal(size=shape), "bias": rng.normal(size=shape[1:])}
+    return norm, query, key
 
 
 def transformer_velocity_np(p, state, action, time_features):
     """Φ_A = E_A([A, φ(t)]), Φ_S = E_S(s); pre-norm cross-attention blocks; v = W_o(LN(Φ_A))."""
+    rng = np.random.default_rng(0)
     x = np.concatenate([action, time_features], axis=1)
     token = x @ p["action_time_embedding"]["kernel"] + p["action_time_embedding"]["bias"]
     state_token = state_embedding_np(p, state)
     for layer in range(N_LAYERS):
-        b = p[f"DecoderBlock_{layer}"]
+        b = dict(p[f"blocks_{layer}"])
+        assert "query" not in b and "key" not in b  # one context token: the script computes no query or key
+        norm, b["query"], b["key"] = random_query_and_key(rng)
         context = layer_norm_np(b["context_norm"], state_token)[:, None, :]  # one context token per row
-        y = token + cross_attention_np(b["cross_attention"], layer_norm_np(b["query_norm"], token), context)
+        y = token + cross_attention_np(b, layer_norm_np(norm, token), context)
         hidden = gelu_np(layer_norm_np(b["ffn_norm"], y) @ b["ffn_hidden"]["kernel"] + b["ffn_hidden"]["bias"])
         token = y + hidden @ b["ffn_out"]["kernel"] + b["ffn_out"]["bias"]
     return layer_norm_np(p["output_norm"], token) @ p["output"]["kernel"] + p["output"]["bias"]
 
 
-@pytest.mark.parametrize("script", [transformer, offline_transformer], ids=["from_scratch", "offline_to_online"])
+@FLOW_T_SCRIPTS
 def test_flow_t_velocity_matches_numpy_decoder(script):
     net, params = make_transformer_velocity(script=script)
     state, action, time_features = random_inputs(seed=7)
-    v = np.asarray(net.apply({"params": params}, state, action, time_features))
+    v = np.asarray(net.apply({"params": params}, state, action, time_features, method=whole_velocity))
     expected = transformer_velocity_np(
         to_numpy(params), *(a.astype(np.float64) for a in (state, action, time_features))
     )
     np.testing.assert_allclose(v, expected, rtol=1e-4, atol=1e-4)
+
+
+class FlaxAttentionBlock(nn.Module):
+    """The decoder block written with flax's own nn.MultiHeadDotProductAttention over (batch, m, d_model) tokens,
+    as the scripts were before its state-only part was computed once per rollout."""
+
+    d_model: int
+    n_heads: int
+
+    @nn.compact
+    def __call__(self, action_token, context_tokens):
+        query = nn.LayerNorm(name="query_norm")(action_token[:, None])
+        context = nn.LayerNorm(name="context_norm")(context_tokens)
+        y = action_token[:, None] + nn.MultiHeadDotProductAttention(self.n_heads, name="cross_attention")(
+            query, context
+        )
+        hidden = nn.gelu(nn.Dense(4 * self.d_model, name="ffn_hidden")(nn.LayerNorm(name="ffn_norm")(y)))
+        return (y + nn.Dense(self.d_model, name="ffn_out")(hidden))[:, 0]
+
+
+@FLOW_T_SCRIPTS
+@pytest.mark.parametrize("context_tokens", [1, 2])
+def test_flow_t_decoder_block_equals_flax_multi_head_attention(script, context_tokens):
+    """The block is a real multi-head cross-attention: with two context tokens (queries and keys matter) and with
+    one (the script's case, no query or key computed) it equals flax's attention with the same parameters."""
+    rng = np.random.default_rng(context_tokens)
+    action_token = rng.normal(size=(BATCH, D_MODEL)).astype(np.float32)
+    context = rng.normal(size=(BATCH, context_tokens, D_MODEL)).astype(np.float32)
+
+    def attend(block, action_token, context):
+        return block(action_token, *block.keys_and_values(context))
+
+    block = script.DecoderBlock(D_MODEL, N_HEADS)
+    params = perturbed(block.init(jax.random.PRNGKey(0), action_token, context, method=attend)["params"], seed=1)
+    assert ("query" in params) == ("key" in params) == (context_tokens > 1)
+    reference = FlaxAttentionBlock(D_MODEL, N_HEADS)
+    reference_params = perturbed(reference.init(jax.random.PRNGKey(1), action_token, context)["params"], seed=2)
+    shared = ("query_norm", "context_norm", "ffn_norm", "ffn_hidden", "ffn_out")  # no query_norm for one token
+    reference_params = {**reference_params, **{name: params[name] for name in shared if name in params}}
+    attention = {name: params[name] for name in ("query", "key", "value") if name in params}
+    reference_params["cross_attention"] = {**reference_params["cross_attention"], **attention}
+    reference_params["cross_attention"]["out"] = params["attention_out"]
+
+    out = block.apply({"params": params}, action_token, context, method=attend)
+    expected = reference.apply({"params": reference_params}, action_token, context)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
+    if context_tokens > 1:  # the attention weights depend on the query: another action token, another mix
+        moved = block.apply({"params": params}, action_token + 1.0, context, method=attend)
+        moved_expected = reference.apply({"params": reference_params}, action_token + 1.0, context)
+        np.testing.assert_allclose(np.asarray(moved), np.asarray(moved_expected), rtol=1e-5, atol=1e-5)
 
 
 def test_flow_t_flow_steps_do_not_attend_to_each_other():
@@ -170,50 +241,13 @@ def test_flow_t_flow_steps_do_not_attend_to_each_other():
     net, params = make_transformer_velocity()
     state, action, time_features = random_inputs(seed=8)
     state[:] = state[0]  # the same state for every flow step
-    v = np.asarray(net.apply({"params": params}, state, action, time_features))
+    v = np.asarray(net.apply({"params": params}, state, action, time_features, method=whole_velocity))
     changed_action = action.copy()
     changed_action[2] += 1.5
-    v_changed = np.asarray(net.apply({"params": params}, state, changed_action, time_features))
+    v_changed = np.asarray(net.apply({"params": params}, state, changed_action, time_features, method=whole_velocity))
     others = np.arange(BATCH) != 2
     np.testing.assert_allclose(v_changed[others], v[others], rtol=0, atol=1e-6)
     assert np.abs(v_changed[2] - v[2]).max() > 1e-3
-
-
-def test_flow_t_attention_keys_and_values_come_from_the_state_token_only():
-    net, params = make_transformer_velocity()
-    state, action, time_features = random_inputs(seed=9)
-    p = to_numpy(params)
-    state_token = state_embedding_np(p, state.astype(np.float64))
-
-    def attention_inputs(state, action):
-        """v, and the (query, keys, values) arguments of every cross-attention call, intercepted."""
-        calls = []
-
-        def record(next_fun, args, kwargs, context):
-            if isinstance(context.module, nn.MultiHeadDotProductAttention) and context.method_name == "__call__":
-                calls.append((args, kwargs))
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(record):
-            v = net.apply({"params": params}, state, action, time_features)
-        return np.asarray(v), calls
-
-    v, calls = attention_inputs(state, action)
-    assert len(calls) == N_LAYERS
-    for layer, (args, kwargs) in enumerate(calls):
-        assert not kwargs and len(args) == 2  # (query, keys); values default to the keys
-        query, keys = np.asarray(args[0]), np.asarray(args[1])
-        assert query.shape == keys.shape == (BATCH, 1, D_MODEL)
-        expected_keys = layer_norm_np(p[f"DecoderBlock_{layer}"]["context_norm"], state_token)
-        np.testing.assert_allclose(keys[:, 0], expected_keys, rtol=1e-4, atol=1e-4)
-
-    # A different action moves the queries but not the keys/values; a different state moves v.
-    _, calls_new_action = attention_inputs(state, action + 1.0)
-    for (args, _), (args_new, _) in zip(calls, calls_new_action):
-        np.testing.assert_array_equal(np.asarray(args_new[1]), np.asarray(args[1]))
-        assert np.abs(np.asarray(args_new[0]) - np.asarray(args[0])).max() > 1e-3
-    v_new_state, _ = attention_inputs(state + 1.0, action)
-    assert np.abs(v_new_state - v).min() > 0 and np.abs(v_new_state - v).max() > 1e-3
 
 
 def test_transformer_rejects_heads_that_do_not_divide_d_model(tmp_path):
