@@ -28,7 +28,7 @@ configs[label]["scripts"][script], label as critic1024_batch512 (configs[label] 
   roofline_fraction = flops_per_update × updates_per_s / matmul rate;
 - compile_s: the first call (compilation included);
 - outside --quick: sps_hopper, end-to-end environment steps per second on Hopper-v4 over 1000 steps after
-  learning_starts (from the script's own console, the window with the compilation left out), and
+  learning_starts (the training rate on the script's own console, measured from after its first train step), and
   buffer_peak_rss_gib, the peak resident memory that a 1M-slot Humanoid-v4 buffer adds to a short run with a
   few updates, next to separate_storage_gib, what observations and next observations stored separately would
   take (buffer_memory_ratio = their ratio). Together about 5 minutes per script on 2 idle cores at the default
@@ -349,31 +349,19 @@ def run_script(name: str, flags: list, python_code: str | None = None, folder: P
 
 
 def end_to_end_sps(
-    name: str,
-    config: dict,
-    learning_starts: int = 5_000,
-    steps: int = 1_000,
-    window: int = 250,
-    folder: Path = REPO / "from_scratch",
+    name: str, config: dict, learning_starts: int = 5_000, steps: int = 1_000, folder: Path = REPO / "from_scratch"
 ) -> float:
-    """Environment steps per second on Hopper-v4 after learning_starts, at the configuration's sizes, from the
-    console lines of <folder>/<name>.py (a baseline's copy, or the working tree's).
-
-    The first window after learning_starts holds the compilation and is left out; the others are combined as
-    total steps over total time."""
+    """Environment steps per second on Hopper-v4 after learning_starts, at the configuration's sizes: the training
+    rate of the last console line of <folder>/<name>.py (a baseline's copy, or the working tree's), which the
+    scripts measure from after the first train step, so the compilation is left out."""
     console = run_script(
         name,
         ["--env-id", "Hopper-v4", "--learning-starts", str(learning_starts),
-         "--total-timesteps", str(learning_starts + steps), "--console-every", str(window), "--eval-episodes", "0",
+         "--total-timesteps", str(learning_starts + steps), "--console-every", str(steps), "--eval-episodes", "0",
          *size_flags(config)],
         folder=folder,
     )  # fmt: skip
-    rates = [
-        float(sps)
-        for step, sps in re.findall(r"step (\d+)/\d+ \| SPS ([\d.]+)", console)
-        if int(step) > learning_starts + window
-    ]
-    return len(rates) / sum(1 / rate for rate in rates)
+    return float(re.findall(r"step \d+/\d+ \| training: ([\d.]+) steps/s", console)[-1])
 
 
 def random_phase_rates(name: str, env_id: str = RANDOM_PHASE_ENV, steps: int = 20_000) -> dict:

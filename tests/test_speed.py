@@ -178,3 +178,20 @@ def test_random_phase_rate_is_the_script_s_console_rate_over_the_environment_s_o
     assert int(option["--learning-starts"]) > 300  # the whole run acts at random
     assert figures["random_phase_sps"] == 1234.5 and figures["env_sps"] > 0
     assert figures["random_phase_fraction"] == pytest.approx(1234.5 / figures["env_sps"])
+
+
+def test_end_to_end_sps_is_the_training_rate_of_the_script_s_last_console_line(monkeypatch, tmp_path):
+    calls = []
+
+    def console(name, flags, folder):
+        calls.append((name, folder))
+        return (
+            "step 4999/6000 | random actions: 900.0 steps/s, 0s left | latest return 12.0\n"
+            "step 5000/6000 | training: compiled and took the first step in 9s\n"
+            "step 5500/6000 | training: 80.5 steps/s, 6s left | latest return 20.0\n"
+            "step 6000/6000 | training: 75.25 steps/s, 0s left | latest return 21.0\n"
+        )
+
+    monkeypatch.setattr(SPEED, "run_script", console)
+    assert SPEED.end_to_end_sps("sac", SPEED.SMALL_CONFIG, folder=tmp_path) == 75.25
+    assert calls == [("sac", tmp_path)]
