@@ -233,12 +233,8 @@ def execute(run: Run, out: str, state: dict) -> float:
     finally:
         if not run_dir or not os.path.exists(run_dir):
             run_dir = new_run_dir(out, run, known)
-        entry = {
-            "run_dir": run_dir,
-            "done": returncode == 0,
-            "seconds": entry.get("seconds", 0.0) + time.time() - start,
-        }
-        state.update(record_run(out, run.key, entry))
+        seconds = entry.get("seconds", 0.0) + time.time() - start
+        state.update(record_run(out, run.key, {"run_dir": run_dir, "done": returncode == 0, "seconds": seconds}))
     if returncode != 0:
         fail(f"{run.key} failed (exit {returncode}); its log: {log_path}")
     return time.time() - start

@@ -353,12 +353,6 @@ class FlowPolicy(nn.Module):
             # Zero weights: σ starts at the middle of its log range, e^-2.33 ≈ 0.10 (the paper's fixed σ).
             self.log_sigma_out = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)
 
-    def velocity_at(self, state, action, t):
-        """v_θ(s, A, t) on normalised states, t a Python or scalar time shared by the batch."""
-        time_features = self.time_embedding(jnp.full((1, 1), t, jnp.float32))
-        time_features = jnp.broadcast_to(time_features, (action.shape[0], time_features.shape[-1]))
-        return self.velocity(self.velocity.state_context(state), action, time_features)
-
     def __call__(self, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
         state = self.state_norm(obs, train)
         if self.noise_std > 0:

@@ -55,6 +55,13 @@ def log_normal_np(x, mean, std):
     return np.sum(-((x - mean) ** 2) / (2 * std**2) - np.log(std) - 0.5 * np.log(2 * np.pi), axis=-1)
 
 
+def velocity_at(policy, state, action, t):
+    """One evaluation of v_θ(s, A, t) on normalised states, t shared by the batch: the state's context and φ(t)
+    computed for this step alone (the rollout computes them once for all K steps)."""
+    time_features = policy.time_embedding(jnp.full((action.shape[0], 1), t, jnp.float32))
+    return policy.velocity(policy.velocity.state_context(state), action, time_features)
+
+
 @pytest.mark.parametrize("noise_std", [0.0, 0.1])
 def test_path_log_probability_matches_numpy(script, noise_std):
     """log π of the stored path = log N(A_0) + Σ_k log N(A_{k+1}; A_k + Δt b_k, σ²Δt), with b_k from SPEC's formula."""
@@ -71,7 +78,7 @@ def test_path_log_probability_matches_numpy(script, noise_std):
         t = k * dt
         velocity = np.asarray(
             policy.apply(
-                variables, jnp.asarray(state, jnp.float32), jnp.asarray(path[k], jnp.float32), t, method="velocity_at"
+                variables, jnp.asarray(state, jnp.float32), jnp.asarray(path[k], jnp.float32), t, method=velocity_at
             )
         )
         drift = (1 + t * sigma**2 / (2 * (1 - t))) * velocity - sigma**2 / (2 * (1 - t)) * path[k]
