@@ -263,12 +263,10 @@ def write_summary(protocol_name: str, protocol: dict, runs: list[Run], out: str,
         path = os.path.join(run_dir, "metrics.csv") if run_dir else None
         if not path or not os.path.exists(path):
             continue
-        # from_scratch/ labels a row with the index of its last step (step - 1); offline_to_online/ with steps done.
-        offset = 1 if run.script.startswith("from_scratch/") else 0
-        with open(path, newline="") as f:
+        with open(path, newline="") as f:  # both folders label a row with the steps done (docs/design.md)
             for step, key, value in list(csv.reader(f))[1:]:
                 if key in protocol["metrics"]:
-                    rows.append([run.name, run.env, run.seed, int(step) + offset, key, float(value)])
+                    rows.append([run.name, run.env, run.seed, int(step), key, float(value)])
     if protocol.get("random_policy_episodes"):
         cache = os.path.join(out, "random_policy.json")
         returns = {}

@@ -19,24 +19,16 @@ SAC, CrossQ style (no target network; BatchRenorm in critic and actor input):
     L_π = mean(α log π(a_θ|s) − min_i Q_i(s, a_θ))      every `policy_delay` critic updates
     L_α = −log α · mean(log π(a_θ|s) + H_target)      H_target = −dim(A) by default (the flow scripts use 0)
 
+docs/design.md explains the choices (the replay buffer's layout, speed).
+
 Example:
     python from_scratch/sac.py --env-id Hopper-v4 --total-timesteps 1000000
 """
 
-import csv
-import ctypes
-import dataclasses
-import fcntl
 import functools
-import json
 import math
-import netrc
 import os
-import signal
-import sys
 import time
-import urllib.parse
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,13 +38,10 @@ import flax.linen as nn
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
-import mujoco
 import numpy as np
 import optax
-import tyro
-import wandb
+import run_utils  # run plumbing (run directory, metrics.csv, wandb, checkpoints, progress), the same in both folders
 from flax.training.train_state import TrainState
-from gymnasium.envs.mujoco import MujocoEnv
 
 
 @dataclass
@@ -113,98 +102,13 @@ class Args:
     console_every: int = 5_000
     """environment steps between charts/SPS rows and console progress lines (a line also comes every 30 s)"""
     num_seeds: int = 1
-    """train this many independent agents (seeds seed, seed+1, ...) in one process, one jitted train step;
-    each seed writes its own runs/<run_name>/ (and, with --track, its own wandb run in one group)"""
+    """train this many seeds (seed, seed+1, ...) in one process and train step, each in its own runs/<run_name>/"""
     checkpoint_every: int = 0
     """environment steps between checkpoints (runs/<run_name>/checkpoint.flax, replay buffer included); 0: none"""
     resume: str | None = None
     """continue runs/<run_name> from its checkpoint with its saved args; flags given here win"""
     checkpoint_on_exit: bool = True
     """on Ctrl-C (SIGINT) or SIGTERM (cluster preemption): finish the step, write the checkpoint, exit 130 or 143"""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Logging
-
-
-class RunLogger:
-    """Appends every metric to runs/<run_name>/metrics.csv and, with --track, sends it to its wandb run.
-
-    On resume from a checkpoint of step N, the rows logged at steps >= N by the interrupted run are dropped
-    (the resumed run logs those steps again) and the file is appended to.
-    """
-
-    def __init__(self, run_dir: str, wandb_run, resume_step: int | None = None):
-        self.wandb_run = wandb_run
-        path = os.path.join(run_dir, "metrics.csv")
-        if resume_step is None:
-            self.file = open(path, "w", newline="")
-            csv.writer(self.file).writerow(["global_step", "key", "value"])
-        else:
-            kept, dropped = rows_before(path, resume_step)
-            with open(path + ".tmp", "w", newline="") as f:
-                csv.writer(f).writerows([["global_step", "key", "value"], *kept])
-            os.replace(path + ".tmp", path)
-            print(f"{path}: dropped {dropped} rows logged after the checkpoint (step {resume_step})")
-            self.file = open(path, "a", newline="")
-        self.writer = csv.writer(self.file)
-
-    def log(self, global_step: int, metrics: dict):
-        try:
-            for key, value in metrics.items():
-                self.writer.writerow([global_step, key, float(value)])
-            self.file.flush()
-        except OSError as error:  # e.g. a full disk
-            raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror or error})")
-        if self.wandb_run is not None:
-            self.wandb_run.log({key: float(value) for key, value in metrics.items()}, step=global_step)
-
-    def close(self, exit_code: int = 0):
-        self.file.close()
-        if self.wandb_run is not None:
-            if exit_code != 0:  # stopped by a signal: wandb shows the run as preempted, to be resumed
-                self.wandb_run.mark_preempting()
-            self.wandb_run.finish(exit_code=exit_code)
-
-
-def rows_before(path: str, step: int) -> tuple[list, int]:
-    """The rows of metrics.csv logged before `step`, and how many others there are. A last row cut short (the
-    process died while writing it) counts as dropped; any other row that is not global_step,key,value stops the
-    resume with one line, before anything is changed."""
-    try:
-        with open(path, newline="") as f:
-            header, *rows = list(csv.reader(f))
-    except (OSError, ValueError, csv.Error) as error:
-        raise SystemExit(f"error: cannot read {path} ({error}); nothing was changed")
-    if header != ["global_step", "key", "value"]:
-        raise SystemExit(f"error: {path} does not start with global_step,key,value; nothing was changed")
-    kept = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            row_step, _, _ = int(row[0]), row[1], float(row[2])
-            well_formed = len(row) == 3
-        except (IndexError, ValueError):
-            well_formed = False
-        if not well_formed:
-            if line == len(rows) + 1:
-                continue  # cut short by the interruption
-            raise SystemExit(f"error: {path} line {line} is not global_step,key,value: {row}; nothing was changed")
-        if row_step < step:
-            kept.append(row)
-    return kept, len(rows) - len(kept)
-
-
-def wandb_login_available() -> bool:
-    """True when wandb can log: offline/disabled mode, an API key in the environment, or a netrc entry."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
-        return True
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -316,14 +220,9 @@ def squash(pre_tanh_action, action_scale, action_bias):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Replay buffer on the device. Slot i holds one row: an observation, then the action, reward and termination
-# flag of the transition that starts from it; the transition's next observation is the observation of slot
-# i + 1. When an episode ends, slot i + 1 keeps the final observation (the rest of its row is unused) and the
-# next episode starts at slot i + 2. Each observation is stored once, half the memory of separate next
-# observations. One array for all fields also lets XLA write the transition in place: with an array per field
-# it copied the action, reward and termination arrays (21 MB for 1M slots) twice per train step on a CPU.
-# Slots are written in order, so the transitions that writing destroys are always the oldest: the intact
-# ones are the newest `num_valid` of the list `transition_slots`, and sampling needs no search.
+# Replay buffer on the device. Slot i holds an observation and the action, reward and termination of the transition
+# from it; its next observation is slot i + 1's (an episode's final observation gets a slot of its own). Slots are
+# written in order, so the intact transitions are the newest `num_valid`. docs/design.md explains the layout.
 
 
 @flax.struct.dataclass
@@ -406,8 +305,12 @@ class AgentState:
 
 def make_networks(args: Args, action_dim: int):
     policy = GaussianPolicy(action_dim, args.actor_hidden, args.renorm_warmup_steps)
-    q_network = QNetwork(args.critic_hidden, args.renorm_warmup_steps)
-    return policy, q_network
+    return policy, QNetwork(args.critic_hidden, args.renorm_warmup_steps)
+
+
+def make_optimizers(args: Args):
+    """Adam for the policy, the critic and log α (CrossQ's β1)."""
+    return [optax.adam(lr, b1=args.adam_beta1) for lr in (args.policy_lr, args.q_lr, args.q_lr)]
 
 
 def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
@@ -418,21 +321,22 @@ def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
     policy_vars = policy.init(policy_key, obs, action, train=False)
     critic_vars = jax.vmap(lambda k: q_network.init(k, obs, action, train=False))(jax.random.split(critic_key, 2))
     log_alpha = jnp.asarray(math.log(args.alpha), jnp.float32)
+    policy_optimizer, critic_optimizer, alpha_optimizer = make_optimizers(args)
     return AgentState(
         policy=RenormTrainState.create(
             apply_fn=policy.apply,
             params=policy_vars["params"],
             batch_stats=policy_vars["batch_stats"],
-            tx=optax.adam(args.policy_lr, b1=args.adam_beta1),
+            tx=policy_optimizer,
         ).replace(step=jnp.zeros((), jnp.int32)),  # create() sets a Python int 0: a second compile otherwise
         critic=RenormTrainState.create(
             apply_fn=q_network.apply,
             params=critic_vars["params"],
             batch_stats=critic_vars["batch_stats"],
-            tx=optax.adam(args.q_lr, b1=args.adam_beta1),
+            tx=critic_optimizer,
         ).replace(step=jnp.zeros((), jnp.int32)),
         log_alpha=log_alpha,
-        alpha_opt_state=optax.adam(args.q_lr, b1=args.adam_beta1).init(log_alpha),
+        alpha_opt_state=alpha_optimizer.init(log_alpha),
         buffer=create_buffer(args.buffer_size, obs_dim, action_dim),
         key=key,
         critic_updates=jnp.zeros((), jnp.int32),
@@ -454,10 +358,8 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 
 
 def over_seeds(function: Callable) -> Callable:
-    """`function(agent, *inputs) -> (agent, outputs)` applied to each agent of a list, inside one jitted call;
-    the small per-step inputs and outputs carry a leading axis of seeds. A list of separate agents rather than
-    one vmapped state: on a CPU, vmap's batched matmuls are much slower than plain ones, and a one-seed run then
-    has no seed axis at all (the README's "Many seeds in one process" has the figures)."""
+    """`function(agent, *inputs) -> (agent, outputs)` on each agent of a list, in one jitted call; inputs and outputs
+    carry a leading seed axis. A list rather than one vmapped state: on a CPU vmap's batched matmuls are slower."""
 
     @functools.wraps(function)  # keeps its name in JAX's compile logs
     def each_seed(agents: list, *inputs):
@@ -469,11 +371,11 @@ def over_seeds(function: Callable) -> Callable:
 
 
 class TrainFunctions(NamedTuple):
-    train_step: Callable  # jitted, over seeds; once learning has started, the one call per environment step
-    add_transition: Callable  # jitted, over seeds; stores a transition before learning starts
-    add_transitions: Callable  # jitted, over seeds; stores a block of them (inputs with a time axis after the seeds)
-    evaluation_action: Callable  # jitted, one agent; deterministic action a = scale · tanh(μ) + bias (ε = 0)
-    update_critic: Callable  # the pieces of train_step, not jitted (tests and bench/speed.py use them)
+    train_step: Callable  # jitted, over seeds: the one call per environment step once learning has started
+    add_transition: Callable  # jitted, over seeds: stores one transition, or a block of them (random actions)
+    add_transitions: Callable
+    evaluation_action: Callable  # jitted, one agent: the deterministic action a = scale · tanh(μ) + bias
+    update_critic: Callable  # the pieces of train_step, not jitted (bench/speed.py times them)
     update_actor_and_alpha: Callable
     sample_actions: Callable
 
@@ -484,21 +386,17 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
     policy, q_network = make_networks(args, action_dim)
     action_scale = jnp.asarray(action_scale, jnp.float32)
     action_bias = jnp.asarray(action_bias, jnp.float32)
-    alpha_optimizer = optax.adam(args.q_lr, b1=args.adam_beta1)
+    alpha_optimizer = make_optimizers(args)[2]
     target_entropy = -float(action_dim) if args.target_entropy is None else args.target_entropy
 
     def policy_action(params, batch_stats, obs, noise, train: bool):
         """u = μ + σ ε and its squash: (action, log π(a|s), the policy's BatchRenorm statistics)."""
         variables = {"params": params, "batch_stats": batch_stats}
-        if train:
-            (pre_tanh_action, log_prob), updates = policy.apply(
-                variables, obs, noise, train=True, mutable=["batch_stats"]
-            )
-            batch_stats = updates["batch_stats"]
-        else:
-            pre_tanh_action, log_prob = policy.apply(variables, obs, noise, train=False)
+        (pre_tanh_action, log_prob), updates = policy.apply(
+            variables, obs, noise, train, mutable=["batch_stats"] if train else []
+        )
         action, log_det = squash(pre_tanh_action, action_scale, action_bias)
-        return action, log_prob - log_det, batch_stats
+        return action, log_prob - log_det, updates.get("batch_stats", batch_stats)
 
     def sample_actions(params, batch_stats, obs, key, train: bool):
         noise = jax.random.normal(key, (obs.shape[0], action_dim))
@@ -508,11 +406,9 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         """Q_i(s, a) of both ensemble members, shape (2, batch), and their (updated) statistics."""
 
         def one_critic(p, s):
-            variables = {"params": p, "batch_stats": s}
-            if train:
-                q, updates = q_network.apply(variables, obs, action, train=True, mutable=["batch_stats"])
-                return q, updates["batch_stats"]
-            return q_network.apply(variables, obs, action, train=False), s
+            mutable = ["batch_stats"] if train else []
+            q, updates = q_network.apply({"params": p, "batch_stats": s}, obs, action, train, mutable=mutable)
+            return q, updates.get("batch_stats", s)
 
         return jax.vmap(one_critic)(params, batch_stats)
 
@@ -582,16 +478,7 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         next_action, _, _ = sample_actions(
             policy_state.params, policy_state.batch_stats, policy_obs[None], action_key, train=False
         )
-        agent = AgentState(
-            policy=policy_state,
-            critic=critic,
-            log_alpha=log_alpha,
-            alpha_opt_state=alpha_opt_state,
-            buffer=buffer,
-            key=key,
-            critic_updates=critic_updates,
-            actor_metrics=actor_metrics,
-        )
+        agent = AgentState(policy_state, critic, log_alpha, alpha_opt_state, buffer, key, critic_updates, actor_metrics)
         metrics = {**critic_metrics, **actor_metrics, "losses/alpha": jnp.exp(log_alpha)}
         finite = [jnp.isfinite(v) for v in metrics.values()]
         finite += [jnp.isfinite(x).all() for x in jax.tree.leaves((policy_state.params, critic.params))]
@@ -615,8 +502,8 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         action, _, _ = policy_action(params, batch_stats, obs[None], noise, train=False)
         return action[0]
 
-    # train_step and add_transition take a list of --num-seeds agents; their per-step inputs and outputs carry a
-    # leading axis of seeds. Donating the agents lets XLA update the replay buffer in place.
+    # Over a list of --num-seeds agents (inputs and outputs with a leading seed axis); donated: the buffer is updated
+    # in place.
     return TrainFunctions(
         train_step=jax.jit(over_seeds(train_step), donate_argnums=0),
         add_transition=jax.jit(over_seeds(add_transition), donate_argnums=0),
@@ -632,9 +519,8 @@ RANDOM_BLOCK = 1000  # random-phase transitions per write to the device buffer
 
 
 def store_transitions(agents: list, pending: list, functions: TrainFunctions, block: int = RANDOM_BLOCK) -> list:
-    """Writes the host's `pending` transitions (each a tuple of per-step arrays with a leading seed axis) to the
-    agents' buffers, in order, and empties the list: `block` at a time, the rest one by one, so that neither
-    function compiles more than once."""
+    """Writes the host's `pending` transitions to the agents' buffers, in order, and empties the list: `block` at a
+    time, the rest one by one, so that neither function compiles more than once."""
     while len(pending) >= block:
         block_fields = [np.stack(field, axis=1) for field in zip(*pending[:block])]  # (seeds, block, ...)
         agents, _ = functions.add_transitions(agents, *block_fields)
@@ -649,262 +535,46 @@ def store_transitions(agents: list, pending: list, functions: TrainFunctions, bl
 # Environment, evaluation, checkpoints and the training loop
 
 
-def make_env(env_id: str, seed: int, video_dir: str | None = None, video_every: int = 1) -> gym.Env:
-    """One environment with episode statistics; a one-line error for ids gymnasium cannot make."""
-    try:
-        env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
-    except gym.error.Error as error:
-        raise SystemExit(f"error: cannot make environment '{env_id}': {str(error).splitlines()[0]}")
-    if not isinstance(env.action_space, gym.spaces.Box):
-        raise SystemExit(
-            f"error: {env_id} has a {type(env.action_space).__name__} action space; SAC needs a continuous (Box) one"
-        )
-    if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
-        raise SystemExit(f"error: {env_id} has an unbounded action space; SAC's tanh squash needs finite bounds")
-    env.reset(seed=seed)  # seeds the environment; later resets continue its random stream
-    env.action_space.seed(seed)
-    if video_dir:
-        try:  # render once now, rather than fail at the first evaluation after hours of training
-            env.render()
-        except Exception as error:
-            raise SystemExit(
-                f"error: --capture-video cannot render ({str(error).splitlines()[0]}); "
-                "set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU), see setup.md"
-            )
-        env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode % video_every == 0)
-    return gym.wrappers.RecordEpisodeStatistics(env)
-
-
-def evaluate(env: gym.Env, evaluation_action, params, batch_stats, episodes: int, key) -> float:
+def evaluate(env: gym.Env, evaluation_action, policy: RenormTrainState, episodes: int, key) -> float:
     returns = []
     for _ in range(episodes):
         obs, _ = env.reset()
         done = False
         while not done:
             key, action_key = jax.random.split(key)
-            action = evaluation_action(params, batch_stats, jnp.asarray(obs, jnp.float32), action_key)
+            action = evaluation_action(policy.params, policy.batch_stats, jnp.asarray(obs, jnp.float32), action_key)
             obs, _, terminated, truncated, info = env.step(np.asarray(action))
             done = terminated or truncated
         returns.append(info["episode"]["r"])
     return float(np.mean(returns))
 
 
-SCRIPT = os.path.basename(__file__)
+# ----------------------------------------------------------------------------------------------------
+# The training loop
 
-
-def save_checkpoint(run_dir: str, agent: AgentState, step: int, wandb_id: str, environment: dict):
-    """Writes runs/<run_name>/checkpoint.flax through a temporary file, so a crash while writing keeps the old one."""
-    path = os.path.join(run_dir, "checkpoint.flax")
-    checkpoint = {"script": SCRIPT, "step": step, "wandb_id": wandb_id, "agent": agent, "environment": environment}
-    data = flax.serialization.to_bytes(checkpoint)
-    try:
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as error:  # e.g. a full disk: the previous checkpoint is untouched
-        os.remove(path + ".tmp")
-        raise SystemExit(
-            f"error: cannot write {path} at step {step} ({error.strerror or error}); the previous one is kept"
-        )
-    os.replace(path + ".tmp", path)
-
-
-SIMULATOR_STATE = mujoco.mjtState.mjSTATE_INTEGRATION  # everything mj_step reads: a restored step is bitwise the same
-
-
-def find_wrapper(env: gym.Env, wrapper_type: type) -> gym.Wrapper:
-    while not isinstance(env, wrapper_type):
-        env = env.env
-    return env
-
-
-def environment_state(env: gym.Env, eval_env: gym.Env, obs, action) -> dict:
-    """What continues the training episode exactly after a resume: MuJoCo's full simulator state, the random
-    generators of both environments and of the action space, the time-limit and episode-return counters, and the
-    loop's observation and next action. (Other simulators have no such state: their episode ends at a resume.)"""
-    generators = [env.unwrapped.np_random, eval_env.unwrapped.np_random, env.action_space.np_random]
-    statistics = find_wrapper(env, gym.wrappers.RecordEpisodeStatistics)
-    state = {
-        "generators": json.dumps([generator.bit_generator.state for generator in generators]),
-        "counters": np.array(
-            [find_wrapper(env, gym.wrappers.TimeLimit)._elapsed_steps, statistics.episode_lengths], np.int64
-        ),
-        "episode_return": np.float64(statistics.episode_returns),
-        "obs": np.asarray(obs),
-        "action": np.asarray(action),
-    }
-    if isinstance(env.unwrapped, MujocoEnv):
-        model, data = env.unwrapped.model, env.unwrapped.data
-        state["simulator"] = np.empty(mujoco.mj_stateSize(model, SIMULATOR_STATE))
-        mujoco.mj_getState(model, data, state["simulator"], SIMULATOR_STATE)
-    return state
-
-
-def restore_environment(env: gym.Env, eval_env: gym.Env, state: dict) -> bool:
-    """Puts a checkpoint's environment_state back after both environments were made and reset; False (nothing
-    changed) when it holds no simulator state: the resumed run then starts a new episode."""
-    if "simulator" not in state or not isinstance(env.unwrapped, MujocoEnv):
-        return False
-    generators = [env.unwrapped.np_random, eval_env.unwrapped.np_random, env.action_space.np_random]
-    for generator, generator_state in zip(generators, json.loads(state["generators"])):
-        generator.bit_generator.state = generator_state
-    mujoco.mj_setState(env.unwrapped.model, env.unwrapped.data, np.asarray(state["simulator"]), SIMULATOR_STATE)
-    statistics = find_wrapper(env, gym.wrappers.RecordEpisodeStatistics)
-    find_wrapper(env, gym.wrappers.TimeLimit)._elapsed_steps, statistics.episode_lengths = map(int, state["counters"])
-    statistics.episode_returns = float(state["episode_return"])
-    return True
-
-
-def read_run(run_dir: str) -> tuple[dict, dict]:
-    """The saved args and the checkpoint of runs/<run_name>, or a one-line error."""
-    if not os.path.isfile(os.path.join(run_dir, "args.json")):
-        raise SystemExit(f"error: {run_dir} is not a run directory (no args.json)")
-    path = os.path.join(run_dir, "checkpoint.flax")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {run_dir} has no checkpoint.flax to resume from (run with --checkpoint-every N)")
-    try:
-        with open(os.path.join(run_dir, "args.json")) as f:
-            saved_args = json.load(f)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: cannot read {run_dir}/args.json: {type(error).__name__}: {error}")
-    try:
-        with open(path, "rb") as f:
-            checkpoint = flax.serialization.msgpack_restore(f.read())
-        script = checkpoint["script"]
-    except Exception as error:  # whatever the damage, one line
-        raise SystemExit(f"error: cannot read {path}: {type(error).__name__}: {error}")
-    if script != SCRIPT:
-        raise SystemExit(f"error: {run_dir} is a run of {script}, not {SCRIPT}")
-    return saved_args, checkpoint
-
-
-def check_saved_types(saved: Args, path: str):
-    """One line for an args.json whose values are not of their field's type (a hand edit, say)."""
-    for field in dataclasses.fields(Args):
-        value, default = getattr(saved, field.name), field.default
-        if value is None or default is None or default is dataclasses.MISSING:
-            continue
-        expected = (int, float) if type(default) is float else type(default)
-        if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
-            raise SystemExit(f"error: {path}: {field.name} is {value!r}, not of type {type(default).__name__}")
-
-
-def parse_args() -> tuple[Args, dict | None]:
-    """The command line, and with --resume the run's checkpoint: its saved args, overridden by the flags given."""
-    args = tyro.cli(Args)
-    if args.resume is None:
-        return args, None
-    saved_args, checkpoint = read_run(args.resume)
-    try:
-        saved = Args(**{**saved_args, "resume": args.resume})
-    except TypeError as error:
-        raise SystemExit(f"error: {args.resume}/args.json does not match this script's Args: {error}")
-    check_saved_types(saved, f"{args.resume}/args.json")
-    return tyro.cli(Args, default=saved), checkpoint
-
-
-def restore_agent(args: Args, checkpoint: dict, obs_dim: int, action_dim: int, episode_continues: bool):
-    """The checkpoint's agent, as a list of one seed; unless the environment continues its episode exactly, the
-    interrupted episode ends in the replay buffer as a truncation (the environment starts anew)."""
-    target = create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
-    try:
-        agent = flax.serialization.from_state_dict(target, checkpoint["agent"])
-    except (KeyError, ValueError) as error:
-        raise SystemExit(f"error: {args.resume}/checkpoint.flax does not match these args: {error}")
-    if [np.shape(x) for x in jax.tree.leaves(agent)] != [np.shape(x) for x in jax.tree.leaves(target)]:
-        raise SystemExit(f"error: {args.resume}/checkpoint.flax does not match these args (network or buffer sizes)")
-    if not episode_continues:
-        agent = agent.replace(buffer=buffer_end_episode(agent.buffer))
-    return [jax.tree.map(jnp.asarray, agent)]
-
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-def catch_stop_signals() -> dict:
-    """SIGINT (Ctrl-C) and SIGTERM (what clusters send before they preempt a job) only record the signal: the loop
-    ends after its current step, writes the checkpoint and exits. A second Ctrl-C exits at once (a checkpoint being
-    written then stays a .tmp file and the previous one is kept); further SIGTERMs change nothing, since a scheduler
-    may send one to every process of the job and to the batch script that passes it on."""
-    stop = {"signal": None}
-
-    def handle(signum, _frame):
-        if stop["signal"] is None:
-            stop["signal"] = signum
-        elif signum == signal.SIGINT:
-            print("stopped at once by a second Ctrl-C (SIGINT)", file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handle)
-    return stop
-
-
-def lock_run_dir(run_dir: str):
-    """Holds runs/<run_name>/.lock while the process lives (the system releases it however the process ends), so
-    that a second process started on the same run (a resume run twice at once) refuses instead of mixing the two."""
-    os.makedirs(run_dir, exist_ok=True)
-    lock = open(os.path.join(run_dir, ".lock"), "w")  # noqa: SIM115  (open for the life of the run)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise SystemExit(f"error: {run_dir} is in use by another process of this run; not starting a second one")
-    return lock
-
-
-def stop_on_divergence(run_dir: str, metrics: dict, agent: AgentState, global_step: int, checkpoint_step):
-    """Names the non-finite losses or parameters of one seed, saves its parameters for inspection, and exits."""
-    bad = [f"{key}={value}" for key, value in metrics.items() if not np.isfinite(value)]
-    for name, params in (("policy parameters", agent.policy.params), ("critic parameters", agent.critic.params)):
-        if not all(np.isfinite(x).all() for x in jax.tree.leaves(params)):
-            bad.append(name)
-    with open(os.path.join(run_dir, "nonfinite_state.flax"), "wb") as f:
-        f.write(flax.serialization.to_bytes({"policy": agent.policy.params, "critic": agent.critic.params}))
-    if checkpoint_step is None:
-        kept = "no checkpoint was written (use --checkpoint-every N)"
-    else:
-        kept = f"last finite checkpoint: {run_dir}/checkpoint.flax (step {checkpoint_step})"
-    raise SystemExit(
-        f"error: non-finite {', '.join(bad)} at step {global_step} in {run_dir} "
-        f"(parameters saved to nonfinite_state.flax); {kept}"
-    )
+SCRIPT = f"from_scratch/{os.path.basename(__file__)}"  # recorded in checkpoints: --resume refuses another script's
 
 
 def check_args(args: Args):
-    positive = (
-        "total_timesteps",
-        "buffer_size",
-        "batch_size",
-        "actor_hidden",
-        "policy_delay",
-        "alpha",
-        "eval_every",
-        "log_every",
-        "console_every",
-        "num_seeds",
-    )
-    for name in positive:
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("learning_starts", "eval_episodes", "checkpoint_every"):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be zero or positive, got {getattr(args, name)}")
-    if args.batch_size > args.buffer_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}")
-    if args.learning_starts < args.batch_size:
-        raise SystemExit(
-            f"error: --learning-starts {args.learning_starts} is smaller than --batch-size {args.batch_size}"
-        )
-    if args.resume is not None and args.num_seeds != 1:
-        raise SystemExit("error: --resume continues one seed's run; resume each run of a --num-seeds group on its own")
-    if args.track and not wandb_login_available():
-        raise SystemExit(
-            "error: --track needs a wandb login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
-        )
+    positive = ("total_timesteps", "buffer_size", "batch_size", "policy_delay", "alpha", "eval_every")
+    positive += ("log_every", "console_every", "num_seeds", "actor_hidden")
+    run_utils.check_args(args, positive, ("learning_starts", "eval_episodes", "checkpoint_every"))
+    for problem, message in (
+        (
+            args.batch_size > args.buffer_size,
+            f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}",
+        ),
+        (
+            args.learning_starts < args.batch_size,
+            f"--learning-starts {args.learning_starts} is smaller than --batch-size {args.batch_size}",
+        ),
+        (
+            args.resume is not None and args.num_seeds != 1,
+            "--resume continues one seed's run; resume each run of a --num-seeds group on its own",
+        ),
+    ):
+        if problem:
+            raise SystemExit(f"error: {message}")
     if args.capture_video:
         try:
             import moviepy  # noqa: F401  (gymnasium's RecordVideo writes with it)
@@ -912,52 +582,23 @@ def check_args(args: Args):
             raise SystemExit("error: --capture-video needs moviepy: pip install -r requirements.txt")
 
 
-def reuse_freed_memory():
-    """Linux (glibc): keep the memory that XLA frees for its next call instead of returning it to the system.
-
-    Every call of the train step allocates its temporary arrays anew (~65 MB for the CrossQ critic at batch 512).
-    By default glibc maps blocks that large freshly from the system and unmaps them when they are freed, so every
-    call page-faults them in again. Served from the heap, which keeps freed memory for reuse (returning only what
-    exceeds 1 GiB at its top), the train step ran 10-25 % faster on a 2-core CPU (bench/speed.py --default-malloc
-    shows the difference). Elsewhere (macOS, musl) nothing changes.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters, from glibc's <malloc.h>
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**30)
-
-
 def main():
-    reuse_freed_memory()
-    args, checkpoint = parse_args()
+    run_utils.reuse_freed_memory()
+    args, checkpoint = run_utils.parse_args(Args, SCRIPT)
     check_args(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
-    timestamp = int(time.time())
-    if checkpoint is None:
-        start_step = 0
-        run_dirs = [os.path.join("runs", f"{args.env_id}__{args.exp_name}__{seed}__{timestamp}") for seed in seeds]
-        for run_dir in run_dirs:
-            if os.path.exists(run_dir):
-                raise SystemExit(f"error: {run_dir} already exists; not overwriting it")
-        wandb_ids = [uuid.uuid4().hex[:8] for _ in seeds]
-    else:
-        start_step = int(checkpoint["step"])
-        if start_step >= args.total_timesteps:
-            raise SystemExit(
-                f"error: {args.resume} is at step {start_step} already; give a larger --total-timesteps to continue it"
-            )
-        run_dirs = [args.resume]
-        wandb_ids = [checkpoint["wandb_id"]]
-        print(f"resuming {args.resume} from its checkpoint at step {start_step}")
+    start_step = 0 if checkpoint is None else int(checkpoint["step"])
+    if start_step >= args.total_timesteps:
+        raise SystemExit(f"error: {args.resume} is at step {start_step} already; give a larger --total-timesteps")
     # A resumed run's environments start new episodes, from seeds of their own, unless the checkpoint continues the
-    # episode exactly (MuJoCo tasks: restore_environment below).
-    envs = [make_env(args.env_id, seed + start_step) for seed in seeds]
+    # episode exactly (MuJoCo tasks).
+    envs = [run_utils.make_gym_env(args.env_id, seed + start_step) for seed in seeds]
+    action_scale = (envs[0].action_space.high - envs[0].action_space.low) / 2
+    action_bias = (envs[0].action_space.high + envs[0].action_space.low) / 2
+    run_dirs, wandb_ids, loggers, locks = run_utils.open_runs(args, args.env_id, seeds, checkpoint)
     video_folder = "videos" if start_step == 0 else f"videos_from_step_{start_step}"
     eval_envs = [
-        make_env(
+        run_utils.make_gym_env(
             args.env_id,
             seed + 1 + start_step,
             os.path.join(run_dir, video_folder) if args.capture_video else None,
@@ -965,33 +606,8 @@ def main():
         )
         for seed, run_dir in zip(seeds, run_dirs)
     ]
-    locks = [lock_run_dir(run_dir) for run_dir in run_dirs]  # noqa: F841  (held until the process ends)
-    loggers = []
-    for seed, run_dir, wandb_id in zip(seeds, run_dirs, wandb_ids):
-        os.makedirs(run_dir, exist_ok=True)  # RecordVideo may have made it already
-        # Each seed's args.json describes a single-seed run of that seed, so it can be resumed on its own.
-        seed_args = dataclasses.asdict(dataclasses.replace(args, seed=seed, num_seeds=1, resume=None))
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(seed_args, f, indent=2)
-        wandb_run = None
-        if args.track:
-            wandb_run = wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                name=os.path.basename(run_dir),
-                group=f"{args.env_id}__{args.exp_name}__{timestamp}" if args.num_seeds > 1 else None,
-                id=wandb_id,
-                resume="allow",
-                config=seed_args,
-                dir=run_dir,
-                reinit="create_new",
-            )
-        loggers.append(RunLogger(run_dir, wandb_run, resume_step=None if checkpoint is None else start_step))
 
-    obs_dim = envs[0].observation_space.shape[0]
-    action_dim = envs[0].action_space.shape[0]
-    action_scale = (envs[0].action_space.high - envs[0].action_space.low) / 2
-    action_bias = (envs[0].action_space.high + envs[0].action_space.low) / 2
+    obs_dim, action_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     keys = [jax.random.split(jax.random.PRNGKey(seed)) for seed in seeds]
     eval_keys = [eval_key for _, eval_key in keys]
     obs = np.stack([env.reset()[0] for env in envs])
@@ -999,24 +615,36 @@ def main():
     if checkpoint is None:
         agents = [create_agent(args, key, obs_dim, action_dim) for key, _ in keys]
     else:
-        episode_continues = restore_environment(envs[0], eval_envs[0], checkpoint.get("environment", {}))
-        if episode_continues:
-            obs, actions = checkpoint["environment"]["obs"][None], checkpoint["environment"]["action"][None]
-        agents = restore_agent(args, checkpoint, obs_dim, action_dim, episode_continues)
+        restored = run_utils.restore_gym_mujoco_state(envs[0], eval_envs[0], checkpoint.get("environment", {}))
+        if restored is not None:
+            obs, actions = restored[0][None], restored[1][None]
+        agent = run_utils.restore_state(
+            create_agent(args, keys[0][0], obs_dim, action_dim), checkpoint["agent"], f"{args.resume}/checkpoint.flax"
+        )
+        # Unless the episode continues exactly, the interrupted one ends in the buffer as a truncation.
+        agents = [agent if restored is not None else agent.replace(buffer=buffer_end_episode(agent.buffer))]
     functions = make_train_functions(args, action_dim, action_scale, action_bias)
-    train_step, evaluation_action = functions.train_step, functions.evaluation_action
     # Random actions: the transitions wait on the host and reach the device buffer RANDOM_BLOCK at a time (a jitted
     # call per step cost more than the environment step), and all of them before training or a checkpoint.
     pending_transitions = []
 
+    def write_checkpoints():
+        nonlocal agents, checkpoint_step
+        agents = store_transitions(agents, pending_transitions, functions)
+        for i, run_dir in enumerate(run_dirs):
+            environment = run_utils.gym_mujoco_state(envs[i], eval_envs[i], obs[i], actions[i])
+            checkpoint = {"script": SCRIPT, "step": step, "wandb_id": wandb_ids[i], "agent": agents[i]}
+            run_utils.save_checkpoint(run_dir, {**checkpoint, "environment": environment})
+        checkpoint_step = step
+
     checkpoint_step = None if checkpoint is None else start_step
-    stop = catch_stop_signals()
+    stop = run_utils.catch_stop_signals()
     start_time = window_time = time.time()
     window_start_step = start_step
     latest_returns = [float("nan")] * args.num_seeds
-    # The console's rate and ETA are those of the current phase (random actions, then training), without evaluations.
-    phase = {"start_time": time.time(), "start_step": start_step, "printed": time.time(), "compiled": False}
-    for global_step in range(start_step, args.total_timesteps):
+    progress = run_utils.Progress(args.total_timesteps)
+    progress.phase("random actions", start_step, args.learning_starts - 1, compiles=False)
+    for step in range(start_step + 1, args.total_timesteps + 1):  # step: environment steps done after this one
         next_obs, rewards, terminations, episode_ends, policy_obs = [], [], [], [], []
         for i, env in enumerate(envs):
             observation, reward, terminated, truncated, info = env.step(actions[i])
@@ -1027,31 +655,30 @@ def main():
             if terminated or truncated:
                 latest_returns[i] = float(info["episode"]["r"])
                 loggers[i].log(
-                    global_step,
-                    {"charts/episodic_return": latest_returns[i], "charts/episodic_length": info["episode"]["l"]},
+                    step, {"charts/episodic_return": latest_returns[i], "charts/episodic_length": info["episode"]["l"]}
                 )
                 observation, _ = env.reset()
             policy_obs.append(observation)
-        transition = (
-            np.asarray(obs, np.float32),
-            np.asarray(actions, np.float32),
-            np.asarray(rewards, np.float32),
-            np.asarray(next_obs, np.float32),
-            np.asarray(terminations, np.float32),
-            np.asarray(episode_ends, np.bool_),
-        )
-        if global_step + 1 >= args.learning_starts:
+        transition = [np.asarray(x, np.float32) for x in (obs, actions, rewards, next_obs, terminations)]
+        transition.append(np.asarray(episode_ends, np.bool_))
+        if step >= args.learning_starts:
             agents = store_transitions(agents, pending_transitions, functions)
-            agents, (actions, metrics, all_finite) = train_step(agents, *transition, np.asarray(policy_obs, np.float32))
+            agents, (actions, metrics, all_finite) = functions.train_step(
+                agents, *transition, np.asarray(policy_obs, np.float32)
+            )
             actions = np.asarray(actions)
             if not np.all(all_finite):
                 i = int(np.argmin(all_finite))
                 metrics_i = {key: value[i] for key, value in jax.device_get(metrics).items()}
-                stop_on_divergence(run_dirs[i], metrics_i, agents[i], global_step, checkpoint_step)
-            if (global_step + 1) % args.log_every == 0:
+                parameters = {
+                    "policy parameters": agents[i].policy.params,
+                    "critic parameters": agents[i].critic.params,
+                }
+                run_utils.stop_on_divergence(run_dirs[i], step, metrics_i, parameters, checkpoint_step)
+            if step % args.log_every == 0:
                 metrics = jax.device_get(metrics)
                 for i, logger in enumerate(loggers):
-                    logger.log(global_step, {key: value[i] for key, value in metrics.items()})
+                    logger.log(step, {key: value[i] for key, value in metrics.items()})
         else:
             pending_transitions.append(transition)
             if len(pending_transitions) == RANDOM_BLOCK:
@@ -1059,102 +686,53 @@ def main():
             actions = np.stack([env.action_space.sample() for env in envs])
         obs = np.stack(policy_obs)
 
-        step = global_step + 1
         if step % args.console_every == 0 or step == args.total_timesteps:
             now = time.time()
             sps = (step - window_start_step) / (now - window_time)
             for logger in loggers:
-                logger.log(global_step, {"charts/SPS": sps})
+                logger.log(step, {"charts/SPS": sps})
             window_time, window_start_step = now, step
-        # Steps 1 .. learning_starts − 1 act at random; then each step trains. The first train step of a process
-        # compiles it: its line says so, and the training rate is measured from after it.
-        random_phase = step < args.learning_starts
-        phase_last_step = args.learning_starts - 1 if random_phase else args.total_timesteps
-        now = time.time()
-        if not random_phase and not phase["compiled"]:
-            seconds = now - phase["printed"]  # since the last random step's line, or the start
-            print(
-                f"step {step}/{args.total_timesteps} | training: compiled and took the first step in {seconds:.0f}s",
-                flush=True,
-            )
-            phase.update(start_time=now, start_step=step, printed=now, compiled=True)
-        elif step % args.console_every == 0 or step == phase_last_step or now - phase["printed"] >= 30:
-            rate = (step - phase["start_step"]) / (now - phase["start_time"])
-            eta = format_duration((phase_last_step - step) / max(rate, 1e-9))
-            returns = ", ".join(f"{r:.1f}" for r in latest_returns)
-            print(
-                f"step {step}/{args.total_timesteps} | {'random actions' if random_phase else 'training'}: "
-                f"{rate:.1f} steps/s, {eta} left | latest return {returns}",
-                flush=True,
-            )
-            phase["printed"] = now
-            if step == phase_last_step:
-                phase.update(start_time=now, start_step=step)
+        if step == max(args.learning_starts, start_step + 1):
+            progress.phase("training", step - 1, args.total_timesteps)
+        returns = ", ".join(f"{r:.1f}" for r in latest_returns)
+        progress.report(step, f"latest return {returns}", force=step % args.console_every == 0)
         if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_timesteps):
             eval_start = time.time()
             eval_returns = []
             for i, (eval_env, logger) in enumerate(zip(eval_envs, loggers)):
-                policy = agents[i].policy
                 key = jax.random.fold_in(eval_keys[i], step)  # the same key at this step, resumed or not
                 eval_returns.append(
-                    evaluate(eval_env, evaluation_action, policy.params, policy.batch_stats, args.eval_episodes, key)
+                    evaluate(eval_env, functions.evaluation_action, agents[i].policy, args.eval_episodes, key)
                 )
-                logger.log(global_step, {"eval/episodic_return": eval_returns[-1]})
+                logger.log(step, {"eval/episodic_return": eval_returns[-1]})
             returns = ", ".join(f"{r:.1f}" for r in eval_returns)
             print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)
             window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
-            phase["start_time"] += time.time() - eval_start
+            progress.leave_out(time.time() - eval_start)
         # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            agents = store_transitions(agents, pending_transitions, functions)
-            for i, run_dir in enumerate(run_dirs):
-                environment = environment_state(envs[i], eval_envs[i], obs[i], actions[i])
-                save_checkpoint(run_dir, agents[i], step, wandb_ids[i], environment)
-            checkpoint_step = step
+            write_checkpoints()
         if stop["signal"] is not None:
-            break
+            if args.checkpoint_on_exit and checkpoint_step != step:
+                write_checkpoints()
+            for env, eval_env, logger in zip(envs, eval_envs, loggers):
+                env.close()
+                eval_env.close()
+                logger.close(exit_code=128 + stop["signal"])
+            run_utils.exit_interrupted(stop["signal"], step, args.total_timesteps, checkpoint_step, run_dirs)
 
-    if stop["signal"] is not None:
-        if args.checkpoint_on_exit and checkpoint_step != step:
-            agents = store_transitions(agents, pending_transitions, functions)
-            for i, run_dir in enumerate(run_dirs):
-                environment = environment_state(envs[i], eval_envs[i], obs[i], actions[i])
-                save_checkpoint(run_dir, agents[i], step, wandb_ids[i], environment)
-            checkpoint_step = step
-        for env, eval_env, logger in zip(envs, eval_envs, loggers):
-            env.close()
-            eval_env.close()
-            logger.close(exit_code=128 + stop["signal"])
-        if checkpoint_step is None:
-            continuation = "no checkpoint was written (--no-checkpoint-on-exit), so it cannot be continued"
-        else:
-            commands = " ; ".join(f"python {sys.argv[0]} --resume {run_dir}" for run_dir in run_dirs)
-            continuation = f"checkpoint at step {checkpoint_step}; continue with: {commands}"
-        print(
-            f"interrupted by {signal.Signals(stop['signal']).name} at step {step}/{args.total_timesteps}; {continuation}",
-            file=sys.stderr,
-            flush=True,
-        )
-        raise SystemExit(128 + stop["signal"])
-
-    for i, run_dir in enumerate(run_dirs):
-        agent = agents[i]
+    for agent, run_dir, env, eval_env, logger in zip(agents, run_dirs, envs, eval_envs, loggers):
         if args.save_model:
-            model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
-            with open(model_path, "wb") as f:
-                f.write(
-                    flax.serialization.to_bytes(
-                        {
-                            "policy": {"params": agent.policy.params, "batch_stats": agent.policy.batch_stats},
-                            "critic": {"params": agent.critic.params, "batch_stats": agent.critic.batch_stats},
-                            "log_alpha": agent.log_alpha,
-                        }
-                    )
-                )
-            print(f"model saved to {model_path}")
-        envs[i].close()
-        eval_envs[i].close()
-        loggers[i].close()
+            policy, critic = agent.policy, agent.critic
+            model = {
+                "policy": {"params": policy.params, "batch_stats": policy.batch_stats},
+                "critic": {"params": critic.params, "batch_stats": critic.batch_stats},
+                "log_alpha": agent.log_alpha,
+            }
+            run_utils.save_model(run_dir, args.exp_name, model)
+        env.close()
+        eval_env.close()
+        logger.close()
     print(f"done in {time.time() - start_time:.0f}s; logs in {', '.join(run_dirs)}")
 
 

@@ -18,6 +18,10 @@ FLOW_SCRIPTS = ["sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
 ALL_SCRIPTS = ["sac", *FLOW_SCRIPTS]
 
 
+# The scripts import their folder's run_utils.py (the same file in both folders), as they do when run.
+sys.path.insert(0, str(FROM_SCRATCH))
+
+
 def load_script(name: str, folder: Path = FROM_SCRATCH):
     """Import from_scratch/<name>.py as a module (its main() does not run)."""
     spec = importlib.util.spec_from_file_location(f"{folder.name}_{name}", folder / f"{name}.py")

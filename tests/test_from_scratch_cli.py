@@ -67,7 +67,7 @@ def test_end_to_end_run_writes_the_local_log(script, tmp_path):
         math.isfinite(r) for r in returns
     )  # Hopper episodes under random actions are short
     steps = [int(row["global_step"]) for row in rows]
-    assert steps == sorted(steps) and steps[-1] == 399
+    assert steps == sorted(steps) and steps[-1] == 400
     assert "step 400/400" in result.stdout
     # Progress names its phase, and the first train step's line says that it compiled (its rate is not the phase's).
     assert "step 199/400 | random actions: " in result.stdout
@@ -131,7 +131,7 @@ def test_bad_input_from_the_shell_is_one_line_and_exit_status_1(script, tmp_path
 def test_gymnasium_v4_and_v5_mujoco_ids_work(env_id):
     """The paper's -v4 tasks and the current -v5 ones both build and step with the pinned mujoco."""
     module = load_script("sac_flow_naive")
-    env = module.make_env(env_id, seed=0)
+    env = module.run_utils.make_gym_env(env_id, seed=0)
     _, _, _, _, info = env.step(env.action_space.sample())
     assert env.observation_space.shape[0] > 0 and isinstance(info, dict)
     env.close()

@@ -79,7 +79,7 @@ def test_same_seed_same_metrics_and_resume_to_a_new_total(tmp_path):
     continued = metric_rows(run_a)
     assert continued[: len(rows)] == rows
     steps = [step for step, _, _ in continued]
-    assert steps == sorted(steps) and steps[-1] == 299 and steps[len(rows)] >= 200
+    assert steps == sorted(steps) and steps[-1] == 300 and steps[len(rows)] > 200
     assert checkpoint_step(run_a) == 300
 
 
@@ -113,7 +113,7 @@ def test_resume_after_sigkill_continues_without_duplicate_rows(tmp_path):
     rows = metric_rows(run_dir)
     assert len({(s, key) for s, key, _ in rows}) == len(rows)  # nothing logged twice for one step
     steps = [s for s, _, _ in rows]
-    assert steps == sorted(steps) and steps[-1] == step + 99
+    assert steps == sorted(steps) and steps[-1] == step + 100
     assert all(np.isfinite(value) for _, _, value in rows)
 
 
@@ -144,7 +144,7 @@ def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
     rows = metric_rows(run_dir)
     assert len({(s, key) for s, key, _ in rows}) == len(rows)  # nothing logged twice for one step
     steps = [s for s, _, _ in rows]
-    assert steps == sorted(steps) and steps[-1] == 599
+    assert steps == sorted(steps) and steps[-1] == 600
     assert {key for _, key, _ in rows} >= {"losses/qf_loss", "eval/episodic_return", "charts/episodic_return"}
     # The checkpoints hold the simulator's state: interrupted twice, the run is the uninterrupted one, row for row.
     (tmp_path / "uninterrupted").mkdir()
@@ -158,7 +158,7 @@ def test_first_signal_is_recorded_and_a_second_ctrl_c_exits_at_once(script):
     module = load_script(script)
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stop = module.catch_stop_signals()
+        stop = module.run_utils.catch_stop_signals()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop["signal"] == signal.SIGTERM  # recorded; the loop ends after its step
         os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's second SIGTERM changes nothing
@@ -229,21 +229,29 @@ def write_fake_run(run_dir, script_name: str | None, checkpoint: bytes | None = 
 BAD_RESUMES = {
     "not a run": (lambda d: d.mkdir(), [], "is not a run directory"),
     "no checkpoint": (lambda d: write_fake_run(d, None), [], "has no checkpoint.flax"),
-    "another script's run": (lambda d: write_fake_run(d, "sac_flow_gru.py"), [], "is a run of sac_flow_gru.py"),
+    "another script's run": (
+        lambda d: write_fake_run(d, "from_scratch/sac_flow_gru.py"),
+        [],
+        "is a run of from_scratch/sac_flow_gru.py",
+    ),
     "corrupt checkpoint": (lambda d: write_fake_run(d, None, b"\x00garbage"), [], "cannot read"),
     "truncated args.json": (
-        lambda d: write_fake_run(d, "sac_flow_naive.py", args_json='{"seed": 1, "env_id": "Hop'),
+        lambda d: write_fake_run(d, "from_scratch/sac_flow_naive.py", args_json='{"seed": 1, "env_id": "Hop'),
         [],
         "cannot read run/args.json",
     ),
     "hand-edited args.json": (
-        lambda d: write_fake_run(d, "sac_flow_naive.py", args_json='{"batch_size": "256"}'),
+        lambda d: write_fake_run(d, "from_scratch/sac_flow_naive.py", args_json='{"batch_size": "256"}'),
         [],
         "batch_size is '256', not of type int",
     ),
-    "several seeds": (lambda d: write_fake_run(d, "sac_flow_naive.py"), ["--num-seeds", "2"], "--num-seeds"),
+    "several seeds": (
+        lambda d: write_fake_run(d, "from_scratch/sac_flow_naive.py"),
+        ["--num-seeds", "2"],
+        "--num-seeds",
+    ),
     "already finished": (
-        lambda d: write_fake_run(d, "sac_flow_naive.py"),
+        lambda d: write_fake_run(d, "from_scratch/sac_flow_naive.py"),
         ["--total-timesteps", "10"],
         "--total-timesteps",
     ),
@@ -271,8 +279,7 @@ def keep_metrics_before(module, run_dir, step: int) -> int:
     """The folder's own way of cutting metrics.csv at a checkpoint of `step`; returns the rows dropped."""
     if hasattr(module, "truncate_metrics"):  # offline_to_online: rows up to the checkpoint's step are kept
         return module.truncate_metrics(str(run_dir), step - 1)
-    logger = module.RunLogger(str(run_dir), None, resume_step=step)
-    logger.close()
+    module.run_utils.MetricsLog(str(run_dir), None, resume_step=step - 1).close()
     return None
 
 
@@ -302,7 +309,7 @@ def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_prev
 
     def save(step):
         if folder == "from_scratch":
-            module.save_checkpoint(str(tmp_path), {"x": np.arange(3.0)}, step, "id", {})
+            module.run_utils.save_checkpoint(str(tmp_path), {"step": step, "x": np.arange(3.0)})
         else:
             module.save_checkpoint(str(tmp_path), {"step": step, "x": np.arange(3.0)})
 
@@ -312,7 +319,7 @@ def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_prev
     def no_space(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(module.os, "fsync", no_space)
+    monkeypatch.setattr((module.run_utils if folder == "from_scratch" else module).os, "fsync", no_space)
     with pytest.raises(SystemExit) as stopped:
         save(200)
     message = str(stopped.value.code)
@@ -320,7 +327,9 @@ def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_prev
     assert checkpoint.read_bytes() == previous and not (tmp_path / "checkpoint.flax.tmp").exists()
 
     logger = (
-        module.RunLogger(str(tmp_path), None) if folder == "from_scratch" else module.RunLogger(str(tmp_path), False)
+        module.run_utils.MetricsLog(str(tmp_path))
+        if folder == "from_scratch"
+        else module.RunLogger(str(tmp_path), False)
     )
     monkeypatch.setattr(logger, "file", type("FullDisk", (), {"write": no_space, "flush": no_space, "name": "m"})())
     logger.writer = csv.writer(logger.file)
@@ -332,9 +341,10 @@ def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_prev
 @pytest.mark.parametrize("folder, script", GUARDED)
 def test_a_second_process_on_the_same_run_refuses(folder, script, tmp_path):
     module = load_guarded(folder, script)
-    first = module.lock_run_dir(str(tmp_path))
+    lock_run_dir = module.run_utils.lock_run_dir if folder == "from_scratch" else module.lock_run_dir
+    first = lock_run_dir(str(tmp_path))
     with pytest.raises(SystemExit) as stopped:
-        module.lock_run_dir(str(tmp_path))
+        lock_run_dir(str(tmp_path))
     assert "in use by another process" in str(stopped.value.code)
     first.close()  # the first process ends
-    module.lock_run_dir(str(tmp_path)).close()
+    lock_run_dir(str(tmp_path)).close()

@@ -205,7 +205,7 @@ def test_bench_writes_the_json_and_the_figure(bench_and_reference_run):
         history = result["over_training"]
         assert len(history["steps"]) == len(history["per_step_norm"]) == len(history["params_norm"]) >= 3
         assert all(len(values) == FLOW_STEPS for values in history["per_step_norm"])
-        assert history["steps"] == sorted(history["steps"]) and history["steps"][-1] == 239
+        assert history["steps"] == sorted(history["steps"]) and history["steps"][-1] == 240
         # the end-of-training value is the mean of the last --final-points (5) logs
         np.testing.assert_allclose(result["per_step_norm"], np.mean(history["per_step_norm"][-5:], axis=0))
         assert result["by_flow_steps"][str(FLOW_STEPS)]["per_step_norm"] == result["per_step_norm"]
