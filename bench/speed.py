@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None):
             commit, baselines = load_baseline(options.baseline, options.scripts, Path(directory))
         modules = {name: load_script(name) for name in options.scripts}
         if not options.default_malloc:
-            modules[options.scripts[0]].reuse_freed_memory()  # what each script's main() does first
+            modules[options.scripts[0]].run_utils.reuse_freed_memory()  # what each script's main() does first
         results = {
             "device": str(jax.devices()[0]),
             "default_malloc": options.default_malloc,

@@ -13,6 +13,7 @@ import csv
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import io
 import json
 import netrc
@@ -24,10 +25,12 @@ import time
 import urllib.parse
 import uuid
 import zlib
+from collections.abc import Callable
 
 import flax
 import gymnasium as gym
 import jax
+import jax.numpy as jnp
 import mujoco
 import numpy as np
 import tyro
@@ -35,6 +38,26 @@ from gymnasium.envs.mujoco import MujocoEnv
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
+
+
+@dataclasses.dataclass
+class RunArgs:
+    """The run options every script's Args has (its own fields follow them in --help)."""
+
+    track: bool = False
+    """log to Weights & Biases (needs `wandb login`, WANDB_API_KEY, or WANDB_MODE=offline)"""
+    wandb_project_name: str = "sac-flow"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team); None uses your default"""
+    save_model: bool = False
+    """save the final parameters to runs/<run_name>/<exp_name>.flax"""
+    checkpoint_every: int = 0
+    """steps between checkpoints (runs/<run_name>/checkpoint.flax, the replay buffer included); 0: none"""
+    resume: str | None = None
+    """continue runs/<run_name> from its checkpoint with its saved args; flags given here win"""
+    checkpoint_on_exit: bool = True
+    """on Ctrl-C (SIGINT) or SIGTERM (cluster preemption): finish the step, write the checkpoint, exit 130 or 143"""
 
 
 def parse_args(args_class: type, script: str):
@@ -58,14 +81,23 @@ def parse_args(args_class: type, script: str):
     return tyro.cli(args_class, default=saved), checkpoint
 
 
-def check_args(args, positive: tuple = (), non_negative: tuple = ()):
-    """One line for the first field out of its range, and for --track without a wandb login."""
+def check_args(args, positive: tuple, non_negative: tuple, problems: list):
+    """One line for the first field out of its range, the first of the script's `problems` (condition, message),
+    --track without a wandb login, or --capture-video without moviepy."""
     for name in positive:
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     for name in non_negative:
         if getattr(args, name) < 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for problem, message in problems:
+        if problem:
+            raise SystemExit(f"error: {message}")
+    if getattr(args, "capture_video", False):
+        try:
+            import moviepy  # noqa: F401  (gymnasium's RecordVideo writes with it)
+        except ImportError:
+            raise SystemExit("error: --capture-video needs moviepy: pip install -r requirements.txt")
     if args.track and not wandb_login_available():
         raise SystemExit(
             "error: --track needs a wandb login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
@@ -272,7 +304,7 @@ def restore_state(target, saved, path: str):
     shapes = [(np.shape(x), np.result_type(x)) for x in jax.tree.leaves(restored)]
     if shapes != [(np.shape(x), np.result_type(x)) for x in jax.tree.leaves(target)]:
         raise SystemExit(f"error: {path} does not match these args (network or buffer sizes)")
-    return jax.tree.map(jax.numpy.asarray, restored)
+    return jax.tree.map(jnp.asarray, restored)
 
 
 def save_model(run_dir: str, exp_name: str, model: dict):
@@ -498,6 +530,39 @@ def stop_on_divergence(run_dir: str, step: int, metrics: dict, state: dict, chec
 
 
 # ----------------------------------------------------------------------------------------------------
+# Many seeds in one call, random-phase transitions in blocks
+
+
+def over_seeds(function: Callable) -> Callable:
+    """`function(agent, *inputs) -> (agent, outputs)` on each agent of a list, in one jitted call; inputs and outputs
+    carry a leading seed axis. A list rather than one vmapped state: on a CPU vmap's batched matmuls are slower."""
+
+    @functools.wraps(function)  # keeps its name in JAX's compile logs
+    def each_seed(agents: list, *inputs):
+        results = [function(agent, *(x[i] for x in inputs)) for i, agent in enumerate(agents)]
+        stacked_outputs = jax.tree.map(lambda *per_seed: jnp.stack(per_seed), *[outputs for _, outputs in results])
+        return [agent for agent, _ in results], stacked_outputs
+
+    return each_seed
+
+
+RANDOM_BLOCK = 1000  # random-phase transitions per write to the device buffer
+
+
+def store_transitions(agents: list, pending: list, functions, block: int = RANDOM_BLOCK) -> list:
+    """Writes the host's `pending` transitions to the agents' buffers, in order, and empties the list: `block` at a
+    time, the rest one by one, so that neither function compiles more than once."""
+    while len(pending) >= block:
+        block_fields = [np.stack(field, axis=1) for field in zip(*pending[:block])]  # (seeds, block, ...)
+        agents, _ = functions.add_transitions(agents, *block_fields)
+        del pending[:block]
+    for transition in pending:
+        agents, _ = functions.add_transition(agents, *transition)
+    pending.clear()
+    return agents
+
+
+# ----------------------------------------------------------------------------------------------------
 # Console progress and speed
 
 
@@ -512,9 +577,10 @@ class Progress:
     30 s and at the end of each phase. Rate and ETA are those of the current phase, evaluations left out. The first
     step of a phase compiles its jitted call: its line says so, and the rate is measured from after it."""
 
-    def __init__(self, total_steps: int, every_seconds: float = 30.0):
+    def __init__(self, total_steps: int, step: int, every_seconds: float = 30.0):
         self.total_steps, self.every_seconds = total_steps, every_seconds
-        self.printed = time.time()
+        self.printed = self.window_time = time.time()
+        self.window_step = step
 
     def phase(self, name: str, step: int, last_step: int, unit: str = "steps/s", compiles: bool = True):
         """Starts phase `name` after `step` steps; it ends at `last_step`."""
@@ -522,8 +588,16 @@ class Progress:
         self.start_time, self.compiled = time.time(), not compiles
 
     def leave_out(self, seconds: float):
-        """Time the phase's rate leaves out (an evaluation)."""
+        """Time the rates leave out (an evaluation)."""
         self.start_time += seconds
+        self.window_time += seconds
+
+    def rate(self, step: int) -> float:
+        """Steps per second since the previous call (or the start): the speed row of metrics.csv."""
+        now = time.time()
+        rate = (step - self.window_step) / max(now - self.window_time, 1e-9)
+        self.window_step, self.window_time = step, now
+        return rate
 
     def report(self, step: int, status: str = "", force: bool = False):
         now = time.time()

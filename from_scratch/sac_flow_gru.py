@@ -34,7 +34,6 @@ Example:
     python from_scratch/sac_flow_gru.py --env-id Humanoid-v4 --total-timesteps 1000000
 """
 
-import functools
 import math
 import os
 import time
@@ -54,21 +53,13 @@ from flax.training.train_state import TrainState
 
 
 @dataclass
-class Args:
+class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, --resume, ...) are in run_utils.py
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
     """seed of the experiment (networks, noise, environment)"""
-    track: bool = False
-    """log to Weights & Biases (needs `wandb login`, WANDB_API_KEY, or WANDB_MODE=offline)"""
-    wandb_project_name: str = "sac-flow"
-    """the wandb project"""
-    wandb_entity: str | None = None
-    """the wandb entity (team); None uses your default"""
     capture_video: bool = False
     """record the first episode of each evaluation to runs/<run_name>/videos (needs a renderer: setup.md)"""
-    save_model: bool = False
-    """save the final parameters to runs/<run_name>/<exp_name>.flax"""
 
     env_id: str = "Humanoid-v4"
     """the gymnasium environment id (a continuous-action task, e.g. Hopper-v4 or Humanoid-v5)"""
@@ -123,12 +114,6 @@ class Args:
     """environment steps between charts/SPS rows and console progress lines (a line also comes every 30 s)"""
     num_seeds: int = 1
     """train this many seeds (seed, seed+1, ...) in one process and train step, each in its own runs/<run_name>/"""
-    checkpoint_every: int = 0
-    """environment steps between checkpoints (runs/<run_name>/checkpoint.flax, replay buffer included); 0: none"""
-    resume: str | None = None
-    """continue runs/<run_name> from its checkpoint with its saved args; flags given here win"""
-    checkpoint_on_exit: bool = True
-    """on Ctrl-C (SIGINT) or SIGTERM (cluster preemption): finish the step, write the checkpoint, exit 130 or 143"""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -489,19 +474,6 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
     return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
 
 
-def over_seeds(function: Callable) -> Callable:
-    """`function(agent, *inputs) -> (agent, outputs)` on each agent of a list, in one jitted call; inputs and outputs
-    carry a leading seed axis. A list rather than one vmapped state: on a CPU vmap's batched matmuls are slower."""
-
-    @functools.wraps(function)  # keeps its name in JAX's compile logs
-    def each_seed(agents: list, *inputs):
-        results = [function(agent, *(x[i] for x in inputs)) for i, agent in enumerate(agents)]
-        stacked_outputs = jax.tree.map(lambda *per_seed: jnp.stack(per_seed), *[outputs for _, outputs in results])
-        return [agent for agent, _ in results], stacked_outputs
-
-    return each_seed
-
-
 class TrainFunctions(NamedTuple):
     train_step: Callable  # jitted, over seeds: the one call per environment step once learning has started
     add_transition: Callable  # jitted, over seeds: stores one transition, or a block of them (random actions)
@@ -672,30 +644,14 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
     # Over a list of --num-seeds agents (inputs and outputs with a leading seed axis); donated: the buffer is updated
     # in place.
     return TrainFunctions(
-        train_step=jax.jit(over_seeds(train_step), donate_argnums=0),
-        add_transition=jax.jit(over_seeds(add_transition), donate_argnums=0),
-        add_transitions=jax.jit(over_seeds(add_transitions), donate_argnums=0),
+        train_step=jax.jit(run_utils.over_seeds(train_step), donate_argnums=0),
+        add_transition=jax.jit(run_utils.over_seeds(add_transition), donate_argnums=0),
+        add_transitions=jax.jit(run_utils.over_seeds(add_transitions), donate_argnums=0),
         evaluation_action=jax.jit(evaluation_action),
         update_critic=update_critic,
         update_actor_and_alpha=update_actor_and_alpha,
         sample_actions=sample_actions,
     )
-
-
-RANDOM_BLOCK = 1000  # random-phase transitions per write to the device buffer
-
-
-def store_transitions(agents: list, pending: list, functions: TrainFunctions, block: int = RANDOM_BLOCK) -> list:
-    """Writes the host's `pending` transitions to the agents' buffers, in order, and empties the list: `block` at a
-    time, the rest one by one, so that neither function compiles more than once."""
-    while len(pending) >= block:
-        block_fields = [np.stack(field, axis=1) for field in zip(*pending[:block])]  # (seeds, block, ...)
-        agents, _ = functions.add_transitions(agents, *block_fields)
-        del pending[:block]
-    for transition in pending:
-        agents, _ = functions.add_transition(agents, *transition)
-    pending.clear()
-    return agents
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -725,28 +681,12 @@ SCRIPT = f"from_scratch/{os.path.basename(__file__)}"  # recorded in checkpoints
 def check_args(args: Args):
     positive = ("total_timesteps", "buffer_size", "batch_size", "flow_steps", "policy_delay", "alpha", "eval_every")
     positive += ("log_every", "console_every", "num_seeds", "velocity_hidden", "velocity_hidden_layers")
-    run_utils.check_args(args, positive, ("learning_starts", "eval_episodes", "noise_std", "checkpoint_every"))
-    for problem, message in (
-        (
-            args.batch_size > args.buffer_size,
-            f"--batch-size {args.batch_size} is larger than --buffer-size {args.buffer_size}",
-        ),
-        (
-            args.learning_starts < args.batch_size,
-            f"--learning-starts {args.learning_starts} is smaller than --batch-size {args.batch_size}",
-        ),
-        (
-            args.resume is not None and args.num_seeds != 1,
-            "--resume continues one seed's run; resume each run of a --num-seeds group on its own",
-        ),
-    ):
-        if problem:
-            raise SystemExit(f"error: {message}")
-    if args.capture_video:
-        try:
-            import moviepy  # noqa: F401  (gymnasium's RecordVideo writes with it)
-        except ImportError:
-            raise SystemExit("error: --capture-video needs moviepy: pip install -r requirements.txt")
+    non_negative = ("learning_starts", "eval_episodes", "noise_std", "checkpoint_every")
+    run_utils.check_args(args, positive, non_negative, [
+        (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size"),
+        (args.learning_starts < args.batch_size, f"--learning-starts {args.learning_starts} is below --batch-size"),
+        (args.resume is not None and args.num_seeds != 1, "--resume continues one run: resume each of --num-seeds"),
+    ])  # fmt: skip
 
 
 def check_target_entropy(args: Args, action_scale):
@@ -786,7 +726,6 @@ def main():
         )
         for seed, run_dir in zip(seeds, run_dirs)
     ]
-
     obs_dim, action_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     keys = [jax.random.split(jax.random.PRNGKey(seed)) for seed in seeds]
     eval_keys = [eval_key for _, eval_key in keys]
@@ -804,25 +743,28 @@ def main():
         # Unless the episode continues exactly, the interrupted one ends in the buffer as a truncation.
         agents = [agent if restored is not None else agent.replace(buffer=buffer_end_episode(agent.buffer))]
     functions = make_train_functions(args, action_dim, action_scale, action_bias)
-    # Random actions: the transitions wait on the host and reach the device buffer RANDOM_BLOCK at a time (a jitted
-    # call per step cost more than the environment step), and all of them before training or a checkpoint.
-    pending_transitions = []
+    pending_transitions = []  # random-phase transitions, written to the device buffer in blocks (docs/design.md)
 
     def write_checkpoints():
         nonlocal agents, checkpoint_step
-        agents = store_transitions(agents, pending_transitions, functions)
+        agents = run_utils.store_transitions(agents, pending_transitions, functions)
         for i, run_dir in enumerate(run_dirs):
             environment = run_utils.gym_mujoco_state(envs[i], eval_envs[i], obs[i], actions[i])
             checkpoint = {"script": SCRIPT, "step": step, "wandb_id": wandb_ids[i], "agent": agents[i]}
             run_utils.save_checkpoint(run_dir, {**checkpoint, "environment": environment})
         checkpoint_step = step
 
+    def close_all(exit_code: int = 0):
+        for env, eval_env, logger in zip(envs, eval_envs, loggers):
+            env.close()
+            eval_env.close()
+            logger.close(exit_code)
+
     checkpoint_step = None if checkpoint is None else start_step
     stop = run_utils.catch_stop_signals()
-    start_time = window_time = time.time()
-    window_start_step = start_step
+    start_time = time.time()
     latest_returns = [float("nan")] * args.num_seeds
-    progress = run_utils.Progress(args.total_timesteps)
+    progress = run_utils.Progress(args.total_timesteps, start_step)
     progress.phase("random actions", start_step, args.learning_starts - 1, compiles=False)
     for step in range(start_step + 1, args.total_timesteps + 1):  # step: environment steps done after this one
         next_obs, rewards, terminations, episode_ends, policy_obs = [], [], [], [], []
@@ -842,7 +784,7 @@ def main():
         transition = [np.asarray(x, np.float32) for x in (obs, actions, rewards, next_obs, terminations)]
         transition.append(np.asarray(episode_ends, np.bool_))
         if step >= args.learning_starts:
-            agents = store_transitions(agents, pending_transitions, functions)
+            agents = run_utils.store_transitions(agents, pending_transitions, functions)
             agents, (actions, metrics, all_finite) = functions.train_step(
                 agents, *transition, np.asarray(policy_obs, np.float32)
             )
@@ -861,17 +803,15 @@ def main():
                     logger.log(step, {key: value[i] for key, value in metrics.items()})
         else:
             pending_transitions.append(transition)
-            if len(pending_transitions) == RANDOM_BLOCK:
-                agents = store_transitions(agents, pending_transitions, functions)
+            if len(pending_transitions) == run_utils.RANDOM_BLOCK:
+                agents = run_utils.store_transitions(agents, pending_transitions, functions)
             actions = np.stack([env.action_space.sample() for env in envs])
         obs = np.stack(policy_obs)
 
         if step % args.console_every == 0 or step == args.total_timesteps:
-            now = time.time()
-            sps = (step - window_start_step) / (now - window_time)
+            sps = progress.rate(step)
             for logger in loggers:
                 logger.log(step, {"charts/SPS": sps})
-            window_time, window_start_step = now, step
         if step == max(args.learning_starts, start_step + 1):
             progress.phase("training", step - 1, args.total_timesteps)
         returns = ", ".join(f"{r:.1f}" for r in latest_returns)
@@ -887,32 +827,25 @@ def main():
                 logger.log(step, {"eval/episodic_return": eval_returns[-1]})
             returns = ", ".join(f"{r:.1f}" for r in eval_returns)
             print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)
-            window_time += time.time() - eval_start  # keep evaluation time out of the SPS window
-            progress.leave_out(time.time() - eval_start)
+            progress.leave_out(time.time() - eval_start)  # keep evaluation time out of the rates
         # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             write_checkpoints()
         if stop["signal"] is not None:
             if args.checkpoint_on_exit and checkpoint_step != step:
                 write_checkpoints()
-            for env, eval_env, logger in zip(envs, eval_envs, loggers):
-                env.close()
-                eval_env.close()
-                logger.close(exit_code=128 + stop["signal"])
+            close_all(exit_code=128 + stop["signal"])
             run_utils.exit_interrupted(stop["signal"], step, args.total_timesteps, checkpoint_step, run_dirs)
 
-    for agent, run_dir, env, eval_env, logger in zip(agents, run_dirs, envs, eval_envs, loggers):
+    for agent, run_dir in zip(agents, run_dirs):
         if args.save_model:
             policy, critic = agent.policy, agent.critic
-            model = {
+            run_utils.save_model(run_dir, args.exp_name, {
                 "policy": {"params": policy.params, "batch_stats": policy.batch_stats},
                 "critic": {"params": critic.params, "batch_stats": critic.batch_stats},
                 "log_alpha": agent.log_alpha,
-            }
-            run_utils.save_model(run_dir, args.exp_name, model)
-        env.close()
-        eval_env.close()
-        logger.close()
+            })  # fmt: skip
+    close_all()
     print(f"done in {time.time() - start_time:.0f}s; logs in {', '.join(run_dirs)}")
 
 

@@ -41,62 +41,19 @@ gradient in its own network), then a Polyak step of the target critic:
       SAC update as in (b) with beta = --online-alpha, and samples the next chunk (stochastic, as SAC explores).
       Evaluation is deterministic: eps = 0 at every flow step, A_0 sampled (--eval-zero-initial-noise: A_0 = 0).
 
-Design choices:
-- Entropy in the TD target: kept. The actor maximises Q - alpha log pi, so Q must be the soft value (future entropy
-  included) for the actor's entropy term to mean more than one chunk; this is also what the released agent does.
-  At the target entropy log pi(A') is about +h d / 2 per chunk, so the term is a small per-chunk cost
-  alpha h d / 2, which stops once the task is solved (m = 0). --no-backup-entropy drops it (a soft actor with a
-  plain critic, which often works as well: Yu et al. 2022).
-- Target entropy: H_target = -h d / 2 by default, a path entropy. With sigma fixed over the path it is
-  H = D (c + K (c + log sigma - log(K) / 2)) + E sum_j log(1 - tanh(A_K)_j^2),  c = log(2 pi e) / 2,
-  and -log pi depends on theta only through sigma and the tanh term: the entropy bonus raises sigma (whose noise
-  the compensated drift absorbs: in continuous time it leaves the chunk's distribution unchanged for an exact
-  velocity) and keeps A_K out of tanh saturation. For K = 4 and no saturation, -D/2 means sigma ~ 0.30 (the
-  initial sigma is 0.10).
-- Why alpha cannot collapse here, while the released agent's fell to ~1e-11 within 85k steps: its alpha loss is
-  alpha * (log pi - H_target) with H_target = 0, the sign of SAC's -alpha (log pi + H_target) reversed, so alpha
-  falls exactly when the entropy is too low. Its log pi (fixed noise 0.05 per step over 4 steps of 25 chunk
-  entries, tanh term) is above +100 and, with sigma fixed, cannot move (no parameter but the tanh term enters
-  it), so every Adam step lowers log alpha by about the learning rate: 3e-4 * 85k = 25.5 e-folds, 0.2 e^-25.5 ~
-  2e-12, the order of what it logged.
-  Here: the loss has SAC's sign, so alpha falls only while the entropy is above its target; sigma is learned, so
-  the entropy can reach the target; with alpha -> 0 the actor's own terms (beta * squared error and -Q, which
-  favour low-variance chunks) drive sigma and the entropy down, below the target, and alpha rises again; alpha is
-  not updated in the BC phase, where no actor term reacts to it; and the run refuses a target above the largest
-  reachable entropy (where alpha would grow without bound). losses/alpha and losses/entropy are logged.
-
-Reliability: the same seed and flags give the same metrics.csv rows on CPU (charts/updates_per_s and charts/SPS aside).
-Offline updates and then online environment steps count as one global step (online step i is offline_steps + i).
---checkpoint-every N writes runs/<run_name>/checkpoint.flax (atomically) every N global steps: the agent state
-(parameters, optimiser states, alpha), the RNG key, the step counters and the online transitions of the replay buffer
-(the dataset is reloaded from --dataset-dir). --resume runs/<run_name> continues that run from it, into the same
-directory. In the online phase the checkpoint also holds the environment (OGBench's MuJoCo data and task state) and
-the current chunk, so the episode goes on where it stopped and the resumed run writes the same rows as an
-uninterrupted one; where the environment cannot be restored, the resumed run starts a new episode.
-A non-finite loss or parameter stops the run at once with one line naming it and the step.
+docs/design.md explains the choices (entropy in the TD target, the target entropy, why alpha cannot collapse here).
 
 Example:
     python offline_to_online/make_dataset.py --env-name cube-triple-play-v0
     python offline_to_online/sac_flow_transformer.py --env-name cube-triple-play-singletask-task4-v0 --alpha 100
 """
 
-import csv
-import dataclasses
-import fcntl
 import functools
-import io
-import json
 import math
-import netrc
 import os
-import pickle
-import signal
-import sys
 import time
-import urllib.parse
 import warnings
 import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,38 +62,20 @@ import flax.linen as nn
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
-import mujoco
 import numpy as np
 import ogbench  # noqa: F401  (registers the OGBench environments with gymnasium)
 import optax
-import tyro
-import wandb
+import run_utils  # run plumbing (run directory, metrics.csv, wandb, checkpoints, progress), the same in both folders
 from ogbench.relabel_utils import relabel_dataset
 from ogbench.utils import load_dataset
 
 
 @dataclass
-class Args:
+class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, --resume, ...) are in run_utils.py
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment"""
     seed: int = 1
     """seed of the experiment"""
-    track: bool = False
-    """log to Weights and Biases (needs a wandb login)"""
-    wandb_project_name: str = "sac-flow"
-    """the wandb project name"""
-    wandb_entity: str | None = None
-    """the wandb entity (team)"""
-    save_model: bool = False
-    """save the final parameters to runs/<run_name>/<exp_name>.flax"""
-    checkpoint_every: int = 0
-    """write runs/<run_name>/checkpoint.flax every this many steps of metrics.csv's global_step (0: never)"""
-    resume: str | None = None
-    """continue runs/<run_name> from its checkpoint.flax with its saved args; flags given here win (--online-steps)"""
-    checkpoint_on_exit: bool = True
-    """on Ctrl-C (SIGINT) or SIGTERM (cluster preemption): finish the update block or environment step, write the
-    checkpoint, exit 130 or 143"""
-
     env_name: str = "cube-triple-play-singletask-task4-v0"
     """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0)"""
     dataset_dir: str | None = None
@@ -152,14 +91,15 @@ class Args:
     """number of online environment steps (one update each)"""
     online_learning_starts: int = 5000
     """online updates start at this online step; steps before it only collect data (QC's start_training)"""
-    eval_interval: int = 100_000
-    """evaluate every this many steps of each phase (and at the end of each phase)"""
+    eval_every: int = 100_000
+    """steps between evaluations, in each phase (and at the end of each phase)"""
     eval_episodes: int = 50
     """episodes per evaluation (0: no evaluation)"""
-    log_interval: int = 5000
-    """log losses and speed every this many steps"""
+    log_every: int = 5000
+    """steps between logged losses and speed"""
     offline_scan_length: int = 1000
-    """offline updates per jitted call (jax.lax.scan), cut short at the next log, eval, checkpoint or phase change"""
+    """offline updates per block of random keys (run as jax.lax.scan calls), cut short at the next log, eval,
+    checkpoint or phase change"""
     bc_fraction: float = 0.5
     """share of the offline steps that are flow-matching BC (+ TD) only; the rest are action-regularised SAC"""
     interleave_offline_updates: bool = False
@@ -201,49 +141,6 @@ class Args:
     """attention heads of each decoder block (must divide --d-model)"""
     n_layers: int = 2
     """decoder blocks of the velocity network"""
-
-
-class RunLogger:
-    """Appends every metric to runs/<run_name>/metrics.csv and, with --track, sends it to wandb."""
-
-    def __init__(self, run_dir: str, use_wandb: bool, append: bool = False):
-        self.use_wandb = use_wandb
-        # A resumed run appends to the rows kept from before its checkpoint.
-        self.file = open(os.path.join(run_dir, "metrics.csv"), "a" if append else "w", newline="")
-        self.writer = csv.writer(self.file)
-        if not append:
-            self.writer.writerow(["global_step", "key", "value"])
-            self.file.flush()
-
-    def log(self, global_step: int, metrics: dict):
-        try:
-            for key, value in metrics.items():
-                self.writer.writerow([global_step, key, float(value)])
-            self.file.flush()
-        except OSError as error:  # e.g. a full disk
-            raise SystemExit(f"error: cannot write {self.file.name} at step {global_step} ({error.strerror or error})")
-        if self.use_wandb:
-            wandb.log({key: float(value) for key, value in metrics.items()}, step=global_step)
-
-    def close(self, exit_code: int = 0):
-        self.file.close()
-        if self.use_wandb:
-            if exit_code != 0:  # stopped by a signal: wandb shows the run as preempted, to be resumed
-                wandb.run.mark_preempting()
-            wandb.finish(exit_code=exit_code)
-
-
-def wandb_login_available() -> bool:
-    """True when wandb can log: offline/disabled mode, an API key in the environment, or a netrc entry."""
-    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
-        return True
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -797,10 +694,10 @@ def is_finite(metrics: dict, state: AgentState):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def offline_updates(agent: SACFlow, state: AgentState, buffer: dict, buffer_size, key, num_updates: int, phase: str):
-    """`num_updates` offline updates in one jax.lax.scan; phase "bc", "sac" or "interleaved" (a BC then a SAC update
+def offline_updates(agent: SACFlow, state: AgentState, buffer: dict, buffer_size, keys, phase: str):
+    """One offline update per key, in one jax.lax.scan; phase "bc", "sac" or "interleaved" (a BC then a SAC update
     on each batch). Returns the new state, the metrics of every update and the number of updates before the first
-    non-finite one (num_updates if none); the state stays as that update left it, for inspection."""
+    non-finite one (len(keys) if none); the state stays as that update left it, for inspection."""
 
     def body(carry, step_key):
         state, finite_so_far = carry
@@ -817,7 +714,7 @@ def offline_updates(agent: SACFlow, state: AgentState, buffer: dict, buffer_size
         finite = finite_so_far & is_finite(metrics, new_state)
         return (state, finite), (metrics, finite)
 
-    (state, _), (metrics, finite) = jax.lax.scan(body, (state, jnp.bool_(True)), jax.random.split(key, num_updates))
+    (state, _), (metrics, finite) = jax.lax.scan(body, (state, jnp.bool_(True)), keys)
     return state, metrics, jnp.sum(finite)
 
 
@@ -863,87 +760,14 @@ def evaluate(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_le
     return float(np.mean(successes)), float(np.mean(returns))
 
 
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints, resume and divergence
-# ----------------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(run_dir: str, checkpoint: dict):
-    """Writes runs/<run_name>/checkpoint.flax atomically: a crash while writing leaves the previous one intact."""
-    path = os.path.join(run_dir, "checkpoint.flax")
-    try:
-        with open(path + ".tmp", "wb") as f:
-            f.write(flax.serialization.to_bytes(checkpoint))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as error:  # e.g. a full disk: the previous checkpoint is untouched
-        os.remove(path + ".tmp")
-        raise SystemExit(
-            f"error: cannot write {path} at step {checkpoint['step']} ({error.strerror or error}); the previous one is kept"
-        )
-    os.replace(path + ".tmp", path)
-
-
-def read_run_to_resume(run_dir: str) -> tuple[dict, dict]:
-    """The saved args and the checkpoint (nested dicts of NumPy arrays) of a run of this script, or a one-line error."""
-    script = os.path.basename(__file__)
-    args_path = os.path.join(run_dir, "args.json")
-    path = os.path.join(run_dir, "checkpoint.flax")
-    for name in ("args.json", "metrics.csv"):
-        if not os.path.isfile(os.path.join(run_dir, name)):
-            raise SystemExit(f"error: {run_dir} is not a run directory (no {name})")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: {run_dir} has no checkpoint.flax to resume from (run with --checkpoint-every N)")
-    try:
-        with open(path, "rb") as f:
-            checkpoint = flax.serialization.msgpack_restore(f.read())
-    except Exception as e:  # noqa: BLE001  (msgpack and flax raise many kinds of errors for a damaged file)
-        raise SystemExit(f"error: cannot read {path}: {e}")
-    if not isinstance(checkpoint, dict) or "script" not in checkpoint:
-        raise SystemExit(f"error: cannot read {path}: it is not a checkpoint")
-    if checkpoint["script"] != script:
-        raise SystemExit(f"error: {run_dir} is a run of {checkpoint['script']}, not {script}")
-    # A from-scratch script of the same name writes other checkpoints.
-    if not {"step", "offline_step", "online_step", "wandb_run_id", "agent"} <= checkpoint.keys():
-        raise SystemExit(f"error: {run_dir} is not a run of offline_to_online/{script}")
-    try:
-        with open(args_path) as f:
-            saved_args = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read {args_path}: {e}")
-    # Older runs may lack fields added since (they take their defaults); unknown fields mean another script's run.
-    if not isinstance(saved_args, dict) or not saved_args.keys() <= {field.name for field in dataclasses.fields(Args)}:
-        raise SystemExit(f"error: {args_path} does not hold the args of {script}")
-    # JSON has no tuples: the hidden layer sizes come back as lists.
-    return {name: tuple(value) if isinstance(value, list) else value for name, value in saved_args.items()}, checkpoint
-
-
-def restore_agent(
-    checkpoint: dict, state: AgentState, buffer: dict, dataset_size: int, path: str, episode_continues: bool
-):
+def restore_agent(checkpoint: dict, state: AgentState, buffer: dict, dataset_size: int, episode_continues: bool):
     """The agent state, RNG key and replay buffer of a checkpoint, restored into the freshly built `state` and `buffer`
     (whose first dataset_size rows hold the reloaded dataset; the saved online transitions go after them).
     `episode_continues`: the environment was restored, so the saved online episode goes on after the cut."""
-    online_rows = checkpoint["online_step"]
-    target = {
-        "state": state,
-        "rng_key": jax.random.key_data(jax.random.key(0)),
-        "online_replay": {
-            name: jax.ShapeDtypeStruct((online_rows, *column.shape[1:]), column.dtype)
-            for name, column in buffer.items()
-        },
-    }
-    try:
-        restored = flax.serialization.from_state_dict(target, checkpoint["agent"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: cannot read {path}: {e}")
-    if [(x.shape, x.dtype) for x in jax.tree.leaves(restored)] != [(x.shape, x.dtype) for x in jax.tree.leaves(target)]:
-        raise SystemExit(f"error: cannot read {path}: its arrays do not fit the networks of these args")
+    online_rows = int(checkpoint["online_step"])
+    online_replay = {name: np.zeros((online_rows, *column.shape[1:]), column.dtype) for name, column in buffer.items()}
+    target = {"state": state, "rng_key": jax.random.key_data(jax.random.key(0)), "online_replay": online_replay}
+    restored = run_utils.restore_state(target, checkpoint["agent"], "the checkpoint")
     buffer = {
         name: column.at[dataset_size : dataset_size + online_rows].set(restored["online_replay"][name])
         for name, column in buffer.items()
@@ -951,280 +775,47 @@ def restore_agent(
     if online_rows > 0 and not episode_continues:
         # The resumed run starts a new episode: the saved one ends here, so no chunk runs across the cut.
         buffer["terminals"] = buffer["terminals"].at[dataset_size + online_rows - 1].set(1.0)
-    state = jax.tree.map(jnp.asarray, restored["state"])
-    return state, jax.random.wrap_key_data(restored["rng_key"]), buffer
-
-
-def find_wrapper(env: gym.Env, wrapper_type: type) -> gym.Wrapper:
-    while not isinstance(env, wrapper_type):
-        env = env.env
-    return env
-
-
-def is_task_state(name: str, value) -> bool:
-    """The attributes of an OGBench environment that hold its task's Python state (targets, success, generator, the IK
-    target pose): plain values and OGBench's pose objects; not the MuJoCo model and data, nor the MJCF tree."""
-    if name in ("spec", "_model", "_data"):
-        return False
-    if isinstance(value, (list, tuple)):
-        return all(is_task_state(name, item) for item in value)
-    if isinstance(value, dict):
-        return all(is_task_state(name, item) for item in value.values())
-    plain = (bool, int, float, str, type(None), np.ndarray, np.generic, np.random.Generator)
-    return isinstance(value, plain) or type(value).__module__.startswith("ogbench.manipspace.lie")
-
-
-class EnvironmentUnpickler(pickle.Unpickler):
-    """Reads a saved environment state: NumPy arrays and generators, MuJoCo data and OGBench poses, nothing else (a
-    checkpoint holds data, never code to run)."""
-
-    def find_class(self, module, name):
-        allowed = module.startswith(("numpy.random", "ogbench.manipspace.lie.")) or (module, name) in {
-            ("numpy", "dtype"),
-            ("numpy", "ndarray"),
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "scalar"),
-            ("mujoco._structs", "MjData"),
-            ("mujoco._structs", "MjModel"),
-        }
-        if not allowed:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of an environment state")
-        return super().find_class(module, name)
-
-
-def environment_state(env: gym.Env, observation, queue: list, episode_return: float, episode_length: int) -> dict:
-    """What continues the online episode exactly after a resume: OGBench's whole MuJoCo data (its controller reads
-    positions that the last physics step left, so the integration state alone would not do), the task's Python
-    state, the time limit's counter, and the loop's observation, rest of the current chunk, return and length.
-    Empty for an environment whose simulator is not OGBench's: the resumed run then starts a new episode."""
-    task = env.unwrapped
-    if not isinstance(getattr(task, "_data", None), mujoco.MjData):
-        return {}
-    saved = {
-        "data": task._data,
-        "task": {name: value for name, value in vars(task).items() if is_task_state(name, value)},
-        "elapsed_steps": find_wrapper(env, gym.wrappers.TimeLimit)._elapsed_steps,
-    }
-    return {
-        "simulator": np.frombuffer(zlib.compress(pickle.dumps(saved), 1), np.uint8),
-        "observation": np.asarray(observation),
-        "queue": np.asarray(queue),
-        "episode": np.array([episode_return, episode_length], np.float64),
-    }
-
-
-def restore_environment(env: gym.Env, state: dict):
-    """Puts a checkpoint's environment_state back into the freshly made and reset `env`; returns the loop's
-    (observation, queue, episode return, episode length), or None (a new episode) when there is none to restore."""
-    if "simulator" not in state:
-        return None
-    task = env.unwrapped
-    try:
-        saved = EnvironmentUnpickler(io.BytesIO(zlib.decompress(np.asarray(state["simulator"]).tobytes()))).load()
-        if saved["data"].qpos.shape != task._data.qpos.shape or saved["data"].ctrl.shape != task._data.ctrl.shape:
-            raise ValueError("it is the state of another environment")
-        mujoco.mj_copyData(task._data, task._model, saved["data"])
-    except Exception as error:  # noqa: BLE001  (another MuJoCo or NumPy version may fail in many ways)
-        print(f"warning: cannot restore the environment ({error}); the resumed run starts a new episode", flush=True)
-        return None
-    for name, value in saved["task"].items():
-        setattr(task, name, value)
-    find_wrapper(env, gym.wrappers.TimeLimit)._elapsed_steps = saved["elapsed_steps"]
-    episode_return, episode_length = state["episode"]
-    return (
-        np.asarray(state["observation"]),
-        list(np.asarray(state["queue"])),
-        float(episode_return),
-        int(episode_length),
-    )
-
-
-def truncate_metrics(run_dir: str, step: int) -> int:
-    """Keeps the rows of metrics.csv up to `step`, those written before the checkpoint at `step` (rows are labelled
-    with the steps completed); returns how many it dropped. A last row cut short (the process died while writing it)
-    is dropped; any other row that is not global_step,key,value stops the resume with one line, changing nothing."""
-    path = os.path.join(run_dir, "metrics.csv")
-    try:
-        with open(path, newline="") as f:
-            header, *rows = list(csv.reader(f))
-    except (OSError, ValueError, csv.Error) as error:
-        raise SystemExit(f"error: cannot read {path} ({error}); nothing was changed")
-    if header != ["global_step", "key", "value"]:
-        raise SystemExit(f"error: {path} does not start with global_step,key,value; nothing was changed")
-    kept = []
-    for line, row in enumerate(rows, start=2):
-        try:
-            row_step, _, _ = int(row[0]), row[1], float(row[2])
-            well_formed = len(row) == 3
-        except (IndexError, ValueError):
-            well_formed = False
-        if not well_formed:
-            if line == len(rows) + 1:
-                continue  # cut short by the interruption
-            raise SystemExit(f"error: {path} line {line} is not global_step,key,value: {row}; nothing was changed")
-        if row_step <= step:
-            kept.append(row)
-    with open(path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([["global_step", "key", "value"], *kept])
-    os.replace(path + ".tmp", path)
-    return len(rows) - len(kept)
-
-
-def nonfinite_quantity(metrics: dict, state: AgentState) -> str:
-    """Names what failed the divergence check: the non-finite losses with their values, else the parameter groups,
-    else the proposed action chunk."""
-    losses = [f"{key}={float(value)}" for key, value in metrics.items() if not np.isfinite(float(value))]
-    groups = {
-        "critic parameters": state.params["critic"],
-        "policy parameters": state.params["policy"],
-        "target critic parameters": state.target_critic_params,
-        "log alpha": state.log_alpha,
-    }
-    nonfinite_groups = [
-        name for name, tree in groups.items() if not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(tree))
-    ]
-    return ", ".join(losses or nonfinite_groups) or "action chunk proposed by the updated policy"
-
-
-def catch_stop_signals() -> dict:
-    """SIGINT (Ctrl-C) and SIGTERM (what clusters send before they preempt a job) only record the signal: the run
-    ends after its current block of offline updates or environment step, writes the checkpoint and exits. A second
-    Ctrl-C exits at once (a checkpoint being written then stays a .tmp file and the previous one is kept); further
-    SIGTERMs change nothing, since a scheduler may send one to every process of the job and to the batch script."""
-    stop = {"signal": None}
-
-    def handle(signum, _frame):
-        if stop["signal"] is None:
-            stop["signal"] = signum
-        elif signum == signal.SIGINT:
-            print("stopped at once by a second Ctrl-C (SIGINT)", file=sys.stderr, flush=True)
-            raise SystemExit(128 + signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, handle)
-    return stop
-
-
-def lock_run_dir(run_dir: str):
-    """Holds runs/<run_name>/.lock while the process lives (the system releases it however the process ends), so
-    that a second process started on the same run (a resume run twice at once) refuses instead of mixing the two."""
-    os.makedirs(run_dir, exist_ok=True)
-    lock = open(os.path.join(run_dir, ".lock"), "w")  # noqa: SIM115  (open for the life of the run)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise SystemExit(f"error: {run_dir} is in use by another process of this run; not starting a second one")
-    return lock
-
-
-def stop_on_divergence(run_dir: str, step: int, metrics: dict, state: AgentState, checkpoint_step: int | None):
-    """Saves the state to runs/<run_name>/nonfinite_state.flax for inspection and ends the run with one line naming the
-    non-finite quantity, the step and the last checkpoint (only ever written from a finite state)."""
-    path = os.path.join(run_dir, "nonfinite_state.flax")
-    with open(path, "wb") as f:
-        f.write(flax.serialization.to_bytes(state))
-    if checkpoint_step is None:
-        checkpoint = "no checkpoint was written (use --checkpoint-every N)"
-    else:
-        checkpoint = f"last finite checkpoint: {os.path.join(run_dir, 'checkpoint.flax')} (step {checkpoint_step})"
-    quantity = nonfinite_quantity(metrics, state)
-    raise SystemExit(f"error: non-finite {quantity} at step {step}; state saved to {path}; {checkpoint}")
+    return restored["state"], jax.random.wrap_key_data(restored["rng_key"]), buffer
 
 
 # ----------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------
+# The training loop
+
+SCRIPT = f"offline_to_online/{os.path.basename(__file__)}"  # recorded in checkpoints: --resume refuses another's
+PROGRESS_UPDATES = 100  # offline updates per jitted call, so that the console hears from the run every few seconds
 
 
 def check_args(args: Args):
-    for name in (
-        "horizon_length",
-        "batch_size",
-        "flow_steps",
-        "log_interval",
-        "eval_interval",
-        "offline_scan_length",
-        "num_qs",
-        "d_model",
-        "n_heads",
-        "n_layers",
-    ):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in (
-        "offline_steps",
-        "online_steps",
-        "online_learning_starts",
-        "eval_episodes",
-        "checkpoint_every",
-        "alpha",
-        "noise_std",
-    ):
-        if getattr(args, name) < 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.d_model % args.n_heads != 0:
-        raise SystemExit(f"error: --n-heads {args.n_heads} does not divide --d-model {args.d_model}")
-    if args.online_alpha is not None and args.online_alpha < 0:
-        raise SystemExit(f"error: --online-alpha must be >= 0, got {args.online_alpha}")
-    if not 0 <= args.bc_fraction <= 1:
-        raise SystemExit(f"error: --bc-fraction must be in [0, 1], got {args.bc_fraction}")
-    if args.init_alpha <= 0:
-        raise SystemExit(f"error: --init-alpha must be > 0, got {args.init_alpha}")
-    if args.max_episode_steps is not None and args.max_episode_steps < 1:
-        raise SystemExit(f"error: --max-episode-steps must be >= 1, got {args.max_episode_steps}")
-    if args.track and not wandb_login_available():
-        raise SystemExit(
-            "error: --track needs a wandb login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
-        )
-
-
-def check_saved_types(saved: Args, path: str):
-    """One line for an args.json whose values are not of their field's type (a hand edit, say)."""
-    for field in dataclasses.fields(Args):
-        value, default = getattr(saved, field.name), field.default
-        if value is None or default is None or default is dataclasses.MISSING:
-            continue
-        expected = (int, float) if type(default) is float else type(default)
-        if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
-            raise SystemExit(f"error: {path}: {field.name} is {value!r}, not of type {type(default).__name__}")
+    positive = ("horizon_length", "batch_size", "flow_steps", "log_every", "eval_every", "offline_scan_length")
+    positive += ("num_qs", "init_alpha", "d_model", "n_heads", "n_layers")
+    non_negative = ("offline_steps", "online_steps", "online_learning_starts", "eval_episodes", "checkpoint_every")
+    run_utils.check_args(args, positive, non_negative + ("alpha", "noise_std"), [
+        (args.d_model % args.n_heads != 0, f"--n-heads {args.n_heads} does not divide --d-model {args.d_model}"),
+        (args.online_alpha is not None and args.online_alpha < 0, f"--online-alpha must be >= 0, got {args.online_alpha}"),
+        (not 0 <= args.bc_fraction <= 1, f"--bc-fraction must be in [0, 1], got {args.bc_fraction}"),
+        (args.max_episode_steps is not None and args.max_episode_steps < 1, "--max-episode-steps must be >= 1"),
+    ])  # fmt: skip
 
 
 def main():
-    args = tyro.cli(Args)
-    checkpoint = None
-    if args.resume is not None:
-        saved_args, checkpoint = read_run_to_resume(args.resume)
-        # The saved args become the defaults of a second parse, so the flags given on this command line win.
-        saved = Args(**{**saved_args, "resume": args.resume})
-        check_saved_types(saved, os.path.join(args.resume, "args.json"))
-        args = tyro.cli(Args, default=saved)
+    args, checkpoint = run_utils.parse_args(Args, SCRIPT)
     check_args(args)
     env_id, dataset_name = split_ogbench_name(args.env_name)
     if env_id not in gym.envs.registry:
         raise SystemExit(f"error: unknown OGBench environment {env_id} (from --env-name {args.env_name})")
-    if checkpoint is None:
-        run_name = f"{args.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join("runs", run_name)
-        if os.path.exists(run_dir):
-            raise SystemExit(f"error: run directory {run_dir} already exists")
-        start_offline, start_online = 0, 0
-    else:
-        run_dir = os.path.normpath(args.resume)
-        run_name = os.path.basename(run_dir)
-        start_offline, start_online = checkpoint["offline_step"], checkpoint["online_step"]
-        # The online phase cannot start again: once it has begun, the offline step count is fixed.
-        if (
-            start_offline > args.offline_steps
-            or start_online > args.online_steps
-            or (start_online > 0 and start_offline != args.offline_steps)
-        ):
-            raise SystemExit(
-                f"error: the checkpoint of {run_dir} is at offline step {start_offline}, online step {start_online}: "
-                f"it cannot continue with --offline-steps {args.offline_steps} --online-steps {args.online_steps}"
-            )
-
+    start_offline, start_online = (
+        (0, 0) if checkpoint is None else (checkpoint["offline_step"], checkpoint["online_step"])
+    )
+    # The online phase cannot start again: once it has begun, the offline step count is fixed.
+    if (
+        start_offline > args.offline_steps
+        or start_online > args.online_steps
+        or (start_online > 0 and start_offline != args.offline_steps)
+    ):
+        raise SystemExit(
+            f"error: the checkpoint of {args.resume} is at offline step {start_offline}, online step {start_online}: "
+            f"it cannot continue with --offline-steps {args.offline_steps} --online-steps {args.online_steps}"
+        )
     dataset_dir = os.path.expanduser(args.dataset_dir if args.dataset_dir is not None else "~/.ogbench/data")
     dataset_path = os.path.join(dataset_dir, f"{dataset_name}.npz")
     make_it = f"python offline_to_online/make_dataset.py --env-name {dataset_name} --dataset-dir {dataset_dir}"
@@ -1243,15 +834,13 @@ def main():
         raise SystemExit(f"error: {env_id} has action bounds other than [-1, 1], which the tanh squash assumes")
     action_dim = env.action_space.shape[0]
     chunk_dim = args.horizon_length * action_dim
-    largest_entropy = max_path_entropy(
-        chunk_dim, args.flow_steps, args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX)
-    )
-    target_entropy = target_entropy_of(args, chunk_dim)
-    if target_entropy >= largest_entropy:
+    sigma_bound = args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX)
+    largest_entropy = max_path_entropy(chunk_dim, args.flow_steps, sigma_bound)
+    if target_entropy_of(args, chunk_dim) >= largest_entropy:
         raise SystemExit(
-            f"error: the target entropy {target_entropy} (--target-entropy) is not below the largest entropy the "
-            f"policy can reach, {largest_entropy:.1f} for h*d = {chunk_dim}, K = {args.flow_steps} and its sigma "
-            "bound: alpha would grow without bound"
+            f"error: the target entropy {target_entropy_of(args, chunk_dim)} (--target-entropy) is not below the "
+            f"largest entropy the policy can reach, {largest_entropy:.1f} for h*d = {chunk_dim}, K = {args.flow_steps} "
+            "and its sigma bound: alpha would grow without bound"
         )
     dataset = load_ogbench_dataset(dataset_path, env_id, env, make_it)
     dataset_size = len(dataset["observations"])
@@ -1265,174 +854,126 @@ def main():
     buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
     del dataset
     key = jax.random.key(args.seed)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.flax")
-    lock = lock_run_dir(run_dir)  # noqa: F841  (held until the process ends)
-    if checkpoint is None:
-        last_checkpoint_step, wandb_run_id, online_loop = None, None, None
-    else:
+    (run_dir,), (wandb_id,), (logger,), locks = run_utils.open_runs(args, args.env_name, [args.seed], checkpoint)
+    online_loop, last_checkpoint_step = None, None
+    if checkpoint is not None:
         # An online episode goes on where it stopped when the checkpoint holds its environment (OGBench's tasks).
         env.reset(seed=args.seed + start_online)
-        online_loop = restore_environment(env, checkpoint.get("environment", {}))
-        state, key, buffer = restore_agent(
-            checkpoint, state, buffer, dataset_size, checkpoint_path, episode_continues=online_loop is not None
-        )
-        last_checkpoint_step, wandb_run_id = checkpoint["step"], checkpoint["wandb_run_id"]
-        dropped = truncate_metrics(run_dir, last_checkpoint_step)
-        print(f"resuming from step {last_checkpoint_step}: dropped {dropped} later rows of metrics.csv", flush=True)
+        online_loop = run_utils.restore_ogbench_state(env, checkpoint.get("environment", {}))
+        state, key, buffer = restore_agent(checkpoint, state, buffer, dataset_size, online_loop is not None)
+        last_checkpoint_step = int(checkpoint["step"])
         del checkpoint
-    with open(os.path.join(run_dir, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=2)
-    if args.track:
-        wandb_run_id = wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            name=run_name,
-            config=vars(args),
-            dir=run_dir,
-            id=wandb_run_id,
-            resume="allow",
-        ).id
-    logger = RunLogger(run_dir, args.track, append=last_checkpoint_step is not None)
-    print(f"run {run_name}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}", flush=True)
+    print(f"run {os.path.basename(run_dir)}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}")
 
-    offline_block = jax.jit(
-        functools.partial(offline_updates, agent), static_argnames=("num_updates", "phase"), donate_argnums=0
-    )
+    offline_block = jax.jit(functools.partial(offline_updates, agent), static_argnames="phase", donate_argnums=0)
     act = jax.jit(functools.partial(acting_chunks, agent))
     eval_act = jax.jit(functools.partial(evaluation_chunks, agent))
     collect = jax.jit(functools.partial(online_collect, agent), donate_argnums=1)
     learn = jax.jit(functools.partial(online_step, agent), donate_argnums=(0, 1))
     # Every random draw comes from these keys folded with a step number, so a run can restart at any step.
     offline_key, online_key, first_chunk_key, eval_key = jax.random.split(key, 4)
+    total_steps = args.offline_steps + args.online_steps
+    progress = run_utils.Progress(total_steps, start_offline + start_online)
+    stop = run_utils.catch_stop_signals()
 
-    def run_evaluation(global_step: int):
+    def run_evaluation(step: int):
         if args.eval_episodes == 0:
             return
+        eval_start = time.time()
         success, episodic_return = evaluate(
-            eval_env,
-            eval_act,
-            state.params,
-            jax.random.fold_in(eval_key, global_step),
-            args.eval_episodes,
-            args.horizon_length,
-            action_dim,
-        )
-        logger.log(global_step, {"eval/success": success, "eval/episodic_return": episodic_return})
-        print(f"eval at step {global_step}: success {success:.3f}, return {episodic_return:.1f}", flush=True)
+            eval_env, eval_act, state.params, jax.random.fold_in(eval_key, step), args.eval_episodes,
+            args.horizon_length, action_dim,
+        )  # fmt: skip
+        logger.log(step, {"eval/success": success, "eval/episodic_return": episodic_return})
+        print(f"step {step}: eval success {success:.3f}, return {episodic_return:.1f}", flush=True)
+        progress.leave_out(time.time() - eval_start)
 
     def write_checkpoint(offline_done: int, online_done: int, environment: dict):
         nonlocal last_checkpoint_step
-        save_checkpoint(
-            run_dir,
-            {
-                "script": os.path.basename(__file__),
-                "step": offline_done + online_done,
-                "offline_step": offline_done,
-                "online_step": online_done,
-                "wandb_run_id": wandb_run_id,
-                "environment": environment,
-                "agent": {
-                    "state": state,
-                    "rng_key": jax.random.key_data(key),
-                    "online_replay": {
-                        name: column[dataset_size : dataset_size + online_done] for name, column in buffer.items()
-                    },
-                },
-            },
-        )
+        online_replay = {name: column[dataset_size : dataset_size + online_done] for name, column in buffer.items()}
+        run_utils.save_checkpoint(run_dir, {
+            "script": SCRIPT, "step": offline_done + online_done, "offline_step": offline_done,
+            "online_step": online_done, "wandb_id": wandb_id, "environment": environment,
+            "agent": {"state": state, "rng_key": jax.random.key_data(key), "online_replay": online_replay},
+        })  # fmt: skip
         last_checkpoint_step = offline_done + online_done
 
-    stop = catch_stop_signals()
-
-    def exit_interrupted(offline_done: int, online_done: int, environment: dict):
+    def stop_if_asked(offline_done: int, online_done: int, environment: dict):
+        if stop["signal"] is None:
+            return
         if args.checkpoint_on_exit and last_checkpoint_step != offline_done + online_done:
             write_checkpoint(offline_done, online_done, environment)
         env.close()
         eval_env.close()
         logger.close(exit_code=128 + stop["signal"])
-        if last_checkpoint_step is None:
-            continuation = "no checkpoint was written (--no-checkpoint-on-exit), so it cannot be continued"
-        else:
-            continuation = (
-                f"checkpoint at step {last_checkpoint_step}; continue with: python {sys.argv[0]} --resume {run_dir}"
-            )
-        total = args.offline_steps + args.online_steps
-        print(
-            f"interrupted by {signal.Signals(stop['signal']).name} at step {offline_done + online_done}/{total}; "
-            + continuation,
-            file=sys.stderr,
-            flush=True,
-        )
-        raise SystemExit(128 + stop["signal"])
+        step = offline_done + online_done
+        run_utils.exit_interrupted(stop["signal"], step, total_steps, last_checkpoint_step, [run_dir])
 
-    # Offline phase: blocks of updates, each one jitted scan over batches sampled on the device; the first
-    # bc_steps are BC, the rest action-regularised SAC (or both on every step with --interleave-offline-updates).
+    def stop_on_divergence(step: int, metrics: dict):
+        groups = {"critic parameters": state.params["critic"], "policy parameters": state.params["policy"]}
+        groups.update({"target critic parameters": state.target_critic_params, "log alpha": state.log_alpha})
+        run_utils.stop_on_divergence(run_dir, step, metrics, groups, last_checkpoint_step)
+
+    # Offline phase: blocks of updates (the keys of a block: split(fold_in(offline_key, first step), block length)),
+    # each run as jitted scans over batches sampled on the device; the first bc_steps are BC, the rest
+    # action-regularised SAC (or both on every step with --interleave-offline-updates).
     bc_steps = 0 if args.interleave_offline_updates else round(args.bc_fraction * args.offline_steps)
-    step, window_start, window_steps = start_offline, time.time(), 0
+    step = start_offline
     while step < args.offline_steps:
         next_stop = min(
             args.offline_steps,
-            (step // args.log_interval + 1) * args.log_interval,
-            (step // args.eval_interval + 1) * args.eval_interval,
+            (step // args.log_every + 1) * args.log_every,
+            (step // args.eval_every + 1) * args.eval_every,
             bc_steps if step < bc_steps else args.offline_steps,
-            (step // args.checkpoint_every + 1) * args.checkpoint_every
-            if args.checkpoint_every > 0
-            else args.offline_steps,
+            (step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every > 0 else args.offline_steps,
+        )  # fmt: skip
+        phase = "interleaved" if args.interleave_offline_updates else "bc" if step < bc_steps else "sac"
+        if step == start_offline or step == bc_steps:
+            phase_end = bc_steps if phase == "bc" else args.offline_steps
+            progress.phase(f"offline {phase}", step, phase_end, unit="updates/s")
+        block_keys = jax.random.split(
+            jax.random.fold_in(offline_key, step), min(args.offline_scan_length, next_stop - step)
         )
-        if args.interleave_offline_updates:
-            phase = "interleaved"
-        else:
-            phase = "bc" if step < bc_steps else "sac"
-        num_updates = min(args.offline_scan_length, next_stop - step)
-        state, block_metrics, finite_updates = offline_block(
-            state,
-            buffer,
-            np.int32(dataset_size),
-            jax.random.fold_in(offline_key, step),
-            num_updates=num_updates,
-            phase=phase,
-        )
-        finite_updates = int(finite_updates)  # waits for the block
-        if finite_updates < num_updates:
-            failed = {name: values[finite_updates] for name, values in block_metrics.items()}
-            stop_on_divergence(run_dir, step + finite_updates + 1, failed, state, last_checkpoint_step)
-        step += num_updates
-        window_steps += num_updates
-        if step % args.log_interval == 0 or step == args.offline_steps:
-            metrics = {name: np.mean(values) for name, values in block_metrics.items()}
-            rate = window_steps / (time.time() - window_start)
-            logger.log(step, {**metrics, "charts/updates_per_s": rate})
-            eta = format_eta((args.offline_steps - step) / rate)
-            print(
-                f"offline step {step}/{args.offline_steps} ({phase})  updates/s {rate:.1f}  ETA {eta}  "
-                f"qf_loss {float(metrics['losses/qf_loss']):.4f}  alpha {float(metrics['losses/alpha']):.4g}",
-                flush=True,
-            )
-            window_start, window_steps = time.time(), 0
-        if step % args.eval_interval == 0 or step == args.offline_steps:
+        block_metrics = []
+        for start in range(0, len(block_keys), PROGRESS_UPDATES):
+            keys = block_keys[start : start + PROGRESS_UPDATES]
+            state, metrics, finite_updates = offline_block(state, buffer, np.int32(dataset_size), keys, phase=phase)
+            block_metrics.append(metrics)
+            if int(finite_updates) < len(keys):
+                failed = {name: values[int(finite_updates)] for name, values in block_metrics[-1].items()}
+                stop_on_divergence(step + start + int(finite_updates) + 1, failed)
+            qf_loss = float(block_metrics[-1]["losses/qf_loss"][-1])
+            alpha = float(block_metrics[-1]["losses/alpha"][-1])
+            done = step + start + len(keys)
+            progress.report(done, f"qf_loss {qf_loss:.4f}, alpha {alpha:.4g}", force=done % args.log_every == 0)
+        step += len(block_keys)
+        if step % args.log_every == 0 or step == args.offline_steps:
+            metrics = {name: jnp.mean(jnp.concatenate([m[name] for m in block_metrics])) for name in block_metrics[0]}
+            logger.log(step, {**metrics, "charts/updates_per_s": progress.rate(step)})
+        if step % args.eval_every == 0 or step == args.offline_steps:
             run_evaluation(step)
-            window_start, window_steps = time.time(), 0
         if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
             write_checkpoint(step, 0, {})
-        if stop["signal"] is not None:
-            exit_interrupted(step, 0, {})
+        stop_if_asked(step, 0, {})
 
     # Online phase: the dataset is the start of the replay buffer; each env step appends one transition,
     # makes one update and proposes the chunk for the next observation (used when the previous one has run out).
     if online_loop is None:
         observation, _ = env.reset(seed=args.seed + start_online)
-        first_chunk = act(
-            state.params, np.asarray(observation, np.float32)[None], jax.random.fold_in(first_chunk_key, start_online)
-        )
+        first_chunk_key = jax.random.fold_in(first_chunk_key, start_online)
+        first_chunk = act(state.params, np.asarray(observation, np.float32)[None], first_chunk_key)
         queue = list(np.asarray(first_chunk[0]).reshape(args.horizon_length, action_dim))
         episode_return, episode_length = 0.0, 0
     else:
         observation, queue, episode_return, episode_length = online_loop
     position = dataset_size + start_online
-    window_start, window_steps, metrics = time.time(), 0, None
+    metrics, latest_success = None, float("nan")
     unchecked = []  # (global step, divergence check, metrics) of the updates whose check the host has not read yet
+    progress.phase("online", args.offline_steps + start_online, total_steps)
     for online_step_index in range(start_online + 1, args.online_steps + 1):
         global_step = args.offline_steps + online_step_index
+        if online_step_index == args.online_learning_starts and online_step_index > start_online + 1:
+            progress.phase("online", global_step - 1, total_steps)  # the first update compiles
         action = queue.pop(0)
         next_observation, reward, terminated, truncated, info = env.step(action)
         episode_return += float(reward)
@@ -1447,16 +988,12 @@ def main():
             "terminals": np.float32(terminated or truncated),
             "next_observations": np.asarray(next_observation, np.float32),
         }
-        done = terminated or truncated
-        if done:
-            logger.log(
-                global_step,
-                {
-                    "charts/episodic_return": episode_return,
-                    "charts/episodic_length": episode_length,
-                    "charts/success": float(info["success"]),
-                },
-            )
+        if terminated or truncated:
+            latest_success = float(info["success"])
+            logger.log(global_step, {
+                "charts/episodic_return": episode_return, "charts/episodic_length": episode_length,
+                "charts/success": latest_success,
+            })  # fmt: skip
             observation, _ = env.reset()
             episode_return, episode_length, queue = 0.0, 0, []
         else:
@@ -1471,53 +1008,41 @@ def main():
         else:
             buffer, chunk = collect(state, buffer, np.int32(position), transition, policy_observation, step_key)
         position += 1
-        window_steps += 1
 
         last_step = online_step_index == args.online_steps
-        log_now = online_step_index % args.log_interval == 0 or last_step
-        eval_now = online_step_index % args.eval_interval == 0 or last_step
+        log_now = online_step_index % args.log_every == 0 or last_step
+        eval_now = online_step_index % args.eval_every == 0 or last_step
         checkpoint_now = args.checkpoint_every > 0 and global_step % args.checkpoint_every == 0
         # The divergence checks are read when the host waits for the device anyway (a new chunk, a log, an evaluation,
         # a checkpoint): reading each one at once would keep the environment steps from overlapping the updates.
         if not queue or log_now or eval_now or checkpoint_now or stop["signal"] is not None:
             for step_of_update, update_finite, update_metrics in unchecked:
                 if not update_finite:
-                    stop_on_divergence(run_dir, step_of_update, update_metrics, state, last_checkpoint_step)
+                    stop_on_divergence(step_of_update, update_metrics)
             unchecked = []
         if not queue:
             queue = list(np.asarray(chunk).reshape(args.horizon_length, action_dim))
         if log_now:
-            sps = window_steps / (time.time() - window_start)
-            logger.log(global_step, {**(metrics if metrics is not None else {}), "charts/SPS": sps})
-            eta = format_eta((args.online_steps - online_step_index) / sps)
-            alpha_text = f"  alpha {float(metrics['losses/alpha']):.4g}" if metrics is not None else ""
-            print(
-                f"online step {online_step_index}/{args.online_steps}  SPS {sps:.1f}  ETA {eta}{alpha_text}", flush=True
+            logger.log(
+                global_step, {**(metrics if metrics is not None else {}), "charts/SPS": progress.rate(global_step)}
             )
-            window_start, window_steps = time.time(), 0
+        alpha = f", alpha {float(metrics['losses/alpha']):.4g}" if metrics is not None and log_now else ""
+        progress.report(global_step, f"latest success {latest_success}{alpha}", force=log_now)
         if eval_now:
             run_evaluation(global_step)
-            window_start, window_steps = time.time(), 0
         if checkpoint_now or stop["signal"] is not None:
-            environment = environment_state(env, observation, queue, episode_return, episode_length)
-        if checkpoint_now:
-            write_checkpoint(args.offline_steps, online_step_index, environment)
-        if stop["signal"] is not None:
-            exit_interrupted(args.offline_steps, online_step_index, environment)
+            environment = run_utils.ogbench_state(env, observation, queue, episode_return, episode_length)
+            if checkpoint_now:
+                write_checkpoint(args.offline_steps, online_step_index, environment)
+            stop_if_asked(args.offline_steps, online_step_index, environment)
 
     if args.save_model:
-        model_path = os.path.join(run_dir, f"{args.exp_name}.flax")
-        with open(model_path, "wb") as f:
-            f.write(
-                flax.serialization.to_bytes(
-                    {
-                        "params": state.params,
-                        "target_critic_params": state.target_critic_params,
-                        "log_alpha": state.log_alpha,
-                    }
-                )
-            )
-        print(f"saved parameters to {model_path}", flush=True)
+        model = {
+            "params": state.params,
+            "target_critic_params": state.target_critic_params,
+            "log_alpha": state.log_alpha,
+        }
+        run_utils.save_model(run_dir, args.exp_name, model)
     env.close()
     eval_env.close()
     logger.close()

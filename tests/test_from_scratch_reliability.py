@@ -267,20 +267,18 @@ def test_bad_resume_is_one_line_and_nonzero_exit(case, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- lost work
-# The helpers that guard a long run's files, in both folders (in-process: no training is needed to show them).
-GUARDED = [("from_scratch", "sac_flow_gru"), ("offline_to_online", "qc_fql")]
+# The helpers that guard a long run's files (in-process: no training is needed to show them), in run_utils.py, the same
+# file in both folders (tests/test_siblings.py).
+GUARDED = [("from_scratch", "sac_flow_gru")]
 
 
 def load_guarded(folder: str, script: str):
     return load_script(script, FROM_SCRATCH.parent / folder)
 
 
-def keep_metrics_before(module, run_dir, step: int) -> int:
-    """The folder's own way of cutting metrics.csv at a checkpoint of `step`; returns the rows dropped."""
-    if hasattr(module, "truncate_metrics"):  # offline_to_online: rows up to the checkpoint's step are kept
-        return module.truncate_metrics(str(run_dir), step - 1)
+def keep_metrics_before(module, run_dir, step: int):
+    """Cuts metrics.csv at a checkpoint of `step` - 1, as a resumed run does (rows labelled after it are dropped)."""
     module.run_utils.MetricsLog(str(run_dir), None, resume_step=step - 1).close()
-    return None
 
 
 @pytest.mark.parametrize("folder, script", GUARDED)
@@ -308,10 +306,7 @@ def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_prev
     checkpoint = tmp_path / "checkpoint.flax"
 
     def save(step):
-        if folder == "from_scratch":
-            module.run_utils.save_checkpoint(str(tmp_path), {"step": step, "x": np.arange(3.0)})
-        else:
-            module.save_checkpoint(str(tmp_path), {"step": step, "x": np.arange(3.0)})
+        module.run_utils.save_checkpoint(str(tmp_path), {"step": step, "x": np.arange(3.0)})
 
     save(100)
     previous = checkpoint.read_bytes()
@@ -319,18 +314,14 @@ def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_prev
     def no_space(*_):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr((module.run_utils if folder == "from_scratch" else module).os, "fsync", no_space)
+    monkeypatch.setattr(module.run_utils.os, "fsync", no_space)
     with pytest.raises(SystemExit) as stopped:
         save(200)
     message = str(stopped.value.code)
     assert message.startswith("error: cannot write") and "No space left on device" in message and "\n" not in message
     assert checkpoint.read_bytes() == previous and not (tmp_path / "checkpoint.flax.tmp").exists()
 
-    logger = (
-        module.run_utils.MetricsLog(str(tmp_path))
-        if folder == "from_scratch"
-        else module.RunLogger(str(tmp_path), False)
-    )
+    logger = module.run_utils.MetricsLog(str(tmp_path))
     monkeypatch.setattr(logger, "file", type("FullDisk", (), {"write": no_space, "flush": no_space, "name": "m"})())
     logger.writer = csv.writer(logger.file)
     with pytest.raises(SystemExit) as stopped:
@@ -341,7 +332,7 @@ def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_prev
 @pytest.mark.parametrize("folder, script", GUARDED)
 def test_a_second_process_on_the_same_run_refuses(folder, script, tmp_path):
     module = load_guarded(folder, script)
-    lock_run_dir = module.run_utils.lock_run_dir if folder == "from_scratch" else module.lock_run_dir
+    lock_run_dir = module.run_utils.lock_run_dir
     first = lock_run_dir(str(tmp_path))
     with pytest.raises(SystemExit) as stopped:
         lock_run_dir(str(tmp_path))

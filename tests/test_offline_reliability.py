@@ -28,8 +28,8 @@ TIME_KEYS = {"charts/SPS", "charts/updates_per_s"}
 # One flow step and small networks: compilation is most of these runs.
 TINY = [
     "--env-name", ENV_NAME, "--horizon-length", "2", "--batch-size", "8", "--critic-hidden-dims", "32",
-    "--offline-steps", "20", "--online-steps", "20", "--offline-scan-length", "10", "--log-interval", "10",
-    "--eval-interval", "20", "--eval-episodes", "1", "--max-episode-steps", "7", "--online-learning-starts", "5",
+    "--offline-steps", "20", "--online-steps", "20", "--offline-scan-length", "10", "--log-every", "10",
+    "--eval-every", "20", "--eval-episodes", "1", "--max-episode-steps", "7", "--online-learning-starts", "5",
     "--flow-steps", "1", "--checkpoint-every", "30",
 ]  # fmt: skip
 NETWORKS = {  # small networks of each script; SAC offline updates only, or interleaved with BC ones (naive)
@@ -229,7 +229,7 @@ def test_ctrl_c_offline_and_sigterm_online_checkpoint_and_resume_as_printed(data
     flags = [*TINY, *NETWORKS["qc_fql"], "--dataset-dir", dataset_dir, "--track"]
     flags += ["--offline-steps", "200", "--online-steps", "60", "--checkpoint-every", "0"]
     status, stderr = run_and_signal(
-        script_path("qc_fql"), flags, tmp_path, "offline step 50/200", signal.SIGINT, OFFLINE
+        script_path("qc_fql"), flags, tmp_path, "step 50/260 | offline", signal.SIGINT, OFFLINE
     )
     assert status == 130 and "Traceback" not in stderr, stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
@@ -242,7 +242,7 @@ def test_ctrl_c_offline_and_sigterm_online_checkpoint_and_resume_as_printed(data
 
     resume_flags = command.split()[2:]
     status, stderr = run_and_signal(
-        script_path("qc_fql"), resume_flags, tmp_path, "online step 20/60", signal.SIGTERM, OFFLINE
+        script_path("qc_fql"), resume_flags, tmp_path, "step 220/260 | online", signal.SIGTERM, OFFLINE
     )
     assert status == 143 and "interrupted by SIGTERM" in stderr.strip().splitlines()[-1], stderr[-3000:]
     checkpoint = flax.serialization.msgpack_restore((tmp_path / run_dir / "checkpoint.flax").read_bytes())
@@ -328,7 +328,7 @@ def test_bad_resume_is_one_line_error(runs, script, tmp_path, monkeypatch):
     other = SCRIPTS[(SCRIPTS.index(script) + 1) % len(SCRIPTS)]
     other_run = str(runs[other]["first_cwd"] / runs[other]["first_dir"])
     message = main_error(script, monkeypatch, tmp_path, "--resume", other_run)
-    assert message == f"error: {other_run} is a run of {other}.py, not {script}.py"
+    assert message == f"error: {other_run} is a run of offline_to_online/{other}.py, not offline_to_online/{script}.py"
 
     message = main_error(script, monkeypatch, tmp_path, "--resume", "run", "--online-steps", "5")
     assert message.startswith("error: the checkpoint of run is at offline step 20, online step 10: it cannot continue")
@@ -346,7 +346,7 @@ def test_bad_resume_is_one_line_error(runs, script, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_counts_login_and_dataset_are_one_line_errors(script, tmp_path, monkeypatch):
-    assert main_error(script, monkeypatch, tmp_path, "--batch-size", "0") == "error: --batch-size must be >= 1, got 0"
+    assert main_error(script, monkeypatch, tmp_path, "--batch-size", "0") == "error: --batch-size must be > 0, got 0"
     message = main_error(script, monkeypatch, tmp_path, "--checkpoint-every", "-1")
     assert message == "error: --checkpoint-every must be >= 0, got -1"
     message = main_error(script, monkeypatch, tmp_path, "--online-steps", "-5")
@@ -372,7 +372,7 @@ def test_bad_counts_login_and_dataset_are_one_line_errors(script, tmp_path, monk
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_checkpoint_write_is_atomic(script, tmp_path, monkeypatch):
     """A crash while writing (here: fsync fails) leaves the previous checkpoint.flax whole."""
-    module = load_script(script, OFFLINE_TO_ONLINE)
+    module = load_script(script, OFFLINE_TO_ONLINE).run_utils
     module.save_checkpoint(str(tmp_path), {"step": 1})
     before = (tmp_path / "checkpoint.flax").read_bytes()
 

@@ -249,8 +249,8 @@ def end_to_end_runs(dataset_dir, tmp_path_factory):
         cwd = tmp_path_factory.mktemp(script)
         flags = [
             "--env-name", ENV_NAME, "--dataset-dir", dataset_dir, "--horizon-length", "5", "--alpha", "100",
-            "--offline-steps", "30", "--online-steps", "30", "--eval-interval", "30", "--eval-episodes", "1",
-            "--batch-size", "16", "--log-interval", "15", "--max-episode-steps", "20", "--online-learning-starts", "5",
+            "--offline-steps", "30", "--online-steps", "30", "--eval-every", "30", "--eval-episodes", "1",
+            "--batch-size", "16", "--log-every", "15", "--max-episode-steps", "20", "--online-learning-starts", "5",
             "--save-model", "--critic-hidden-dims", "64", "64",
         ]  # fmt: skip
         if script == "sac_flow_naive":

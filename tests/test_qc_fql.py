@@ -181,8 +181,8 @@ def test_sparse_reward_relabel():
 def test_end_to_end(tmp_path, dataset_dir, horizon):
     flags = [
         "--env-name", ENV_NAME, "--dataset-dir", dataset_dir, "--horizon-length", str(horizon),
-        "--offline-steps", "30", "--online-steps", "30", "--eval-interval", "30", "--eval-episodes", "1",
-        "--batch-size", "16", "--log-interval", "10", "--max-episode-steps", "20", "--online-learning-starts", "5",
+        "--offline-steps", "30", "--online-steps", "30", "--eval-every", "30", "--eval-episodes", "1",
+        "--batch-size", "16", "--log-every", "10", "--max-episode-steps", "20", "--online-learning-starts", "5",
         "--save-model",
     ]  # fmt: skip
     result = run_script(tmp_path, *flags, log_compiles=True)
