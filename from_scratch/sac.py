@@ -20,9 +20,6 @@ SAC, CrossQ style (no target network; BatchRenorm in critic and actor input):
     L_α = −log α · mean(log π(a_θ|s) + H_target)      H_target = −dim(A) by default (the flow scripts use 0)
 
 docs/design.md explains the choices (the replay buffer's layout, speed).
-
-Example:
-    python from_scratch/sac.py --env-id Hopper-v4 --total-timesteps 1000000
 """
 
 import math
@@ -34,7 +31,6 @@ from typing import NamedTuple
 
 import flax
 import flax.linen as nn
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,13 +97,9 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
 
 
 class BatchRenorm(nn.Module):
-    """Batch renormalisation (Ioffe, 2017), the normaliser of CrossQ.
-
-    Training mode normalises with the batch statistics μ_B, σ_B, corrected towards the running ones:
-        x̂ = (x − μ_B) / σ_B · r + d,  r = clip(σ_B / σ, 1/r_max, r_max),  d = clip((μ_B − μ) / σ, ±d_max)
-    with r = 1, d = 0 during the first `warmup_steps` training calls, and updates the running μ, σ².
-    Inference mode normalises with the running statistics. Output: γ · x̂ + β.
-    """
+    """Batch renormalisation (Ioffe, 2017), CrossQ's normaliser: in training, with the batch's μ_B, σ_B and the running
+    μ, σ (updated), x̂ = (x − μ_B) / σ_B · r + d, r = clip(σ_B / σ, 1/r_max, r_max), d = clip((μ_B − μ) / σ, ±d_max),
+    r = 1 and d = 0 for the first `warmup_steps` calls; in inference, x̂ = (x − μ) / σ. Output: γ · x̂ + β."""
 
     warmup_steps: int
     momentum: float = 0.99
@@ -123,7 +115,6 @@ class BatchRenorm(nn.Module):
         steps = self.variable("batch_stats", "steps", lambda: jnp.zeros((), jnp.int32))
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
-
         running_std = jnp.sqrt(running_var.value + self.epsilon)
         if train:
             batch_mean = x.mean(axis=0)
@@ -134,8 +125,7 @@ class BatchRenorm(nn.Module):
             d = jnp.clip((batch_mean - running_mean.value) / running_std, -self.d_max, self.d_max)
             r = jax.lax.stop_gradient(jnp.where(warmed_up, r, 1.0))
             d = jax.lax.stop_gradient(jnp.where(warmed_up, d, 0.0))
-            # γ x̂ + β is an affine map of x in each feature; computing its multiplier and offset first leaves a
-            # single elementwise pass over the (batch, features) array (the critic's are 1024 × 1024 × 2).
+            # γ x̂ + β is affine in x per feature: its multiplier and offset first, then one pass over the batch.
             multiplier = scale * r / batch_std
             offset = bias + scale * (d - batch_mean * r / batch_std)
             if not self.is_initializing():
@@ -251,8 +241,8 @@ def buffer_add(buffer: ReplayBuffer, obs, action, reward, next_obs, terminated, 
 
 
 def buffer_end_episode(buffer: ReplayBuffer) -> ReplayBuffer:
-    """Ends the episode of the latest transition as if it were truncated (a resumed run starts a new episode):
-    its next observation at slot `position` is kept, and the next episode starts one slot further."""
+    """Ends the latest transition's episode as a truncation (a resumed run starts a new one): its next observation
+    at slot `position` is kept, and the next episode starts one slot further."""
     slots = buffer.rows.shape[0]
     episode_open = buffer.is_transition[(buffer.position - 1) % slots]
     return buffer.replace(position=(buffer.position + episode_open.astype(jnp.int32)) % slots)
@@ -307,29 +297,24 @@ def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
     critic_vars = jax.vmap(lambda k: q_network.init(k, obs, action, train=False))(jax.random.split(critic_key, 2))
     log_alpha = jnp.asarray(math.log(args.alpha), jnp.float32)
     policy_optimizer, critic_optimizer, alpha_optimizer = make_optimizers(args)
+    actor_metric_names = ["losses/actor_loss", "losses/alpha_loss", "losses/entropy"]
     return AgentState(
-        policy=RenormTrainState.create(
-            apply_fn=policy.apply,
-            params=policy_vars["params"],
-            batch_stats=policy_vars["batch_stats"],
-            tx=policy_optimizer,
-        ).replace(step=jnp.zeros((), jnp.int32)),  # create() sets a Python int 0: a second compile otherwise
-        critic=RenormTrainState.create(
-            apply_fn=q_network.apply,
-            params=critic_vars["params"],
-            batch_stats=critic_vars["batch_stats"],
-            tx=critic_optimizer,
-        ).replace(step=jnp.zeros((), jnp.int32)),
+        policy=renorm_train_state(policy, policy_vars, policy_optimizer),
+        critic=renorm_train_state(q_network, critic_vars, critic_optimizer),
         log_alpha=log_alpha,
         alpha_opt_state=alpha_optimizer.init(log_alpha),
         buffer=create_buffer(args.buffer_size, obs_dim, action_dim),
         key=key,
         critic_updates=jnp.zeros((), jnp.int32),
-        # Separate arrays: the train step donates the state, and one buffer cannot be donated twice.
-        actor_metrics={
-            name: jnp.zeros((), jnp.float32) for name in ("losses/actor_loss", "losses/alpha_loss", "losses/entropy")
-        },
+        actor_metrics={name: jnp.zeros((), jnp.float32) for name in actor_metric_names},  # separate: donated
     )
+
+
+def renorm_train_state(network: nn.Module, variables: dict, optimizer) -> RenormTrainState:
+    state = RenormTrainState.create(
+        apply_fn=network.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optimizer
+    )
+    return state.replace(step=jnp.zeros((), jnp.int32))  # create() sets a Python int 0: a second compile otherwise
 
 
 def td_target(rewards, terminations, next_q_min, next_log_prob, alpha, gamma: float):
@@ -353,8 +338,8 @@ class TrainFunctions(NamedTuple):
 
 
 def make_train_functions(args: Args, action_dim: int, action_scale, action_bias) -> TrainFunctions:
-    """Builds the functions of a run. `train_step` stores the transition, updates the critic (and every
-    `policy_delay` calls the actor and α) and returns the action for the next observation."""
+    """`train_step` stores the transition, updates the critic (every `policy_delay` calls the actor and α too) and
+    returns the action for the next observation; the other functions are its pieces."""
     policy, q_network = make_networks(args, action_dim)
     action_scale = jnp.asarray(action_scale, jnp.float32)
     action_bias = jnp.asarray(action_bias, jnp.float32)
@@ -363,10 +348,8 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
 
     def policy_action(params, batch_stats, obs, noise, train: bool):
         """u = μ + σ ε and its squash: (action, log π(a|s), the policy's BatchRenorm statistics)."""
-        variables = {"params": params, "batch_stats": batch_stats}
-        (pre_tanh_action, log_prob), updates = policy.apply(
-            variables, obs, noise, train, mutable=["batch_stats"] if train else []
-        )
+        variables, mutable = {"params": params, "batch_stats": batch_stats}, ["batch_stats"] if train else []
+        (pre_tanh_action, log_prob), updates = policy.apply(variables, obs, noise, train, mutable=mutable)
         action, log_det = squash(pre_tanh_action, action_scale, action_bias)
         return action, log_prob - log_det, updates.get("batch_stats", batch_stats)
 
@@ -387,23 +370,16 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
     def update_critic(agent: AgentState, batch, key):
         obs, actions, rewards, terminations, next_obs = batch
         alpha = jnp.exp(agent.log_alpha)
-        next_actions, next_log_prob, _ = sample_actions(
-            agent.policy.params, agent.policy.batch_stats, next_obs, key, train=False
-        )
+        policy = agent.policy
+        next_actions, next_log_prob, _ = sample_actions(policy.params, policy.batch_stats, next_obs, key, train=False)
+        # CrossQ: current and next pairs share one training-mode batch, so both see the same statistics.
+        both_obs, both_actions = jnp.concatenate([obs, next_obs]), jnp.concatenate([actions, next_actions])
 
         def critic_loss_fn(params):
-            # CrossQ: current and next pairs share one training-mode batch, so both see the same statistics.
-            q, batch_stats = critic_values(
-                params,
-                agent.critic.batch_stats,
-                jnp.concatenate([obs, next_obs]),
-                jnp.concatenate([actions, next_actions]),
-                train=True,
-            )
+            q, batch_stats = critic_values(params, agent.critic.batch_stats, both_obs, both_actions, train=True)
             q_current, q_next = jnp.split(q, 2, axis=1)
-            target = td_target(
-                rewards, terminations, jax.lax.stop_gradient(q_next.min(axis=0)), next_log_prob, alpha, args.gamma
-            )
+            next_q = jax.lax.stop_gradient(q_next.min(axis=0))
+            target = td_target(rewards, terminations, next_q, next_log_prob, alpha, args.gamma)
             loss = ((q_current - target) ** 2).mean(axis=1).sum()
             return loss, (batch_stats, q_current.mean())
 
@@ -419,9 +395,8 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
             q, _ = critic_values(critic.params, critic.batch_stats, obs, actions, train=False)
             return jnp.mean(alpha * log_prob - q.min(axis=0)), (batch_stats, log_prob)
 
-        (actor_loss, (batch_stats, log_prob)), grads = jax.value_and_grad(actor_loss_fn, has_aux=True)(
-            policy_state.params
-        )
+        actor_loss_and_grad = jax.value_and_grad(actor_loss_fn, has_aux=True)
+        (actor_loss, (batch_stats, log_prob)), grads = actor_loss_and_grad(policy_state.params)
         policy_state = policy_state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
         alpha_loss_value, alpha_grad = jax.value_and_grad(alpha_loss)(log_alpha, log_prob, target_entropy)
         if args.autotune:
@@ -448,7 +423,7 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
             lambda: (agent.policy, agent.log_alpha, agent.alpha_opt_state, agent.actor_metrics),
         )
         next_action, _, _ = sample_actions(
-            policy_state.params, policy_state.batch_stats, policy_obs[None], action_key, train=False
+            policy_state.params, policy_state.batch_stats, policy_obs[None], action_key, False
         )
         agent = AgentState(policy_state, critic, log_alpha, alpha_opt_state, buffer, key, critic_updates, actor_metrics)
         metrics = {**critic_metrics, **actor_metrics, "losses/alpha": jnp.exp(log_alpha)}
@@ -461,10 +436,8 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         buffer = buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end)
         return agent.replace(buffer=buffer), None
 
-    def add_transitions(agent: AgentState, *block):
-        buffer, _ = jax.lax.scan(
-            lambda buffer, transition: (buffer_add(buffer, *transition), None), agent.buffer, block
-        )
+    def add_transitions(agent: AgentState, *block):  # buffer_add over a block of transitions, in one lax.scan
+        buffer, _ = jax.lax.scan(lambda b, transition: (buffer_add(b, *transition), None), agent.buffer, block)
         return agent.replace(buffer=buffer), None
 
     def evaluation_action(params, batch_stats, obs, key):
@@ -474,8 +447,7 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         action, _, _ = policy_action(params, batch_stats, obs[None], noise, train=False)
         return action[0]
 
-    # Over a list of --num-seeds agents (inputs and outputs with a leading seed axis); donated: the buffer is updated
-    # in place.
+    # Over a list of --num-seeds agents (inputs and outputs with a leading seed axis); donated: buffers change in place.
     return TrainFunctions(
         train_step=jax.jit(run_utils.over_seeds(train_step), donate_argnums=0),
         add_transition=jax.jit(run_utils.over_seeds(add_transition), donate_argnums=0),
@@ -485,24 +457,6 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         update_actor_and_alpha=update_actor_and_alpha,
         sample_actions=sample_actions,
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Environment, evaluation, checkpoints and the training loop
-
-
-def evaluate(env: gym.Env, evaluation_action, policy: RenormTrainState, episodes: int, key) -> float:
-    returns = []
-    for _ in range(episodes):
-        obs, _ = env.reset()
-        done = False
-        while not done:
-            key, action_key = jax.random.split(key)
-            action = evaluation_action(policy.params, policy.batch_stats, jnp.asarray(obs, jnp.float32), action_key)
-            obs, _, terminated, truncated, info = env.step(np.asarray(action))
-            done = terminated or truncated
-        returns.append(info["episode"]["r"])
-    return float(np.mean(returns))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -530,8 +484,7 @@ def main():
     start_step = 0 if checkpoint is None else int(checkpoint["step"])
     if start_step >= args.total_timesteps:
         raise SystemExit(f"error: {args.resume} is at step {start_step} already; give a larger --total-timesteps")
-    # A resumed run's environments start new episodes, from seeds of their own, unless the checkpoint continues the
-    # episode exactly (MuJoCo tasks).
+    # A resumed run's environments are seeded anew; a MuJoCo task's checkpoint then puts its episode back exactly.
     envs = [run_utils.make_gym_env(args.env_id, seed + start_step) for seed in seeds]
     action_scale = (envs[0].action_space.high - envs[0].action_space.low) / 2
     action_bias = (envs[0].action_space.high + envs[0].action_space.low) / 2
@@ -557,9 +510,8 @@ def main():
         restored = run_utils.restore_gym_mujoco_state(envs[0], eval_envs[0], checkpoint.get("environment", {}))
         if restored is not None:
             obs, actions = restored[0][None], restored[1][None]
-        agent = run_utils.restore_state(
-            create_agent(args, keys[0][0], obs_dim, action_dim), checkpoint["agent"], f"{args.resume}/checkpoint.flax"
-        )
+        target = create_agent(args, keys[0][0], obs_dim, action_dim)
+        agent = run_utils.restore_state(target, checkpoint["agent"], f"{args.resume}/checkpoint.flax")
         # Unless the episode continues exactly, the interrupted one ends in the buffer as a truncation.
         agents = [agent if restored is not None else agent.replace(buffer=buffer_end_episode(agent.buffer))]
     functions = make_train_functions(args, action_dim, action_scale, action_bias)
@@ -596,26 +548,22 @@ def main():
             episode_ends.append(terminated or truncated)
             if terminated or truncated:
                 latest_returns[i] = float(info["episode"]["r"])
-                loggers[i].log(
-                    step, {"charts/episodic_return": latest_returns[i], "charts/episodic_length": info["episode"]["l"]}
-                )
+                episode = {"charts/episodic_return": latest_returns[i], "charts/episodic_length": info["episode"]["l"]}
+                loggers[i].log(step, episode)
                 observation, _ = env.reset()
             policy_obs.append(observation)
         transition = [np.asarray(x, np.float32) for x in (obs, actions, rewards, next_obs, terminations)]
         transition.append(np.asarray(episode_ends, np.bool_))
         if step >= args.learning_starts:
             agents = run_utils.store_transitions(agents, pending_transitions, functions)
-            agents, (actions, metrics, all_finite) = functions.train_step(
-                agents, *transition, np.asarray(policy_obs, np.float32)
-            )
+            policy_obs = np.asarray(policy_obs, np.float32)
+            agents, (actions, metrics, all_finite) = functions.train_step(agents, *transition, policy_obs)
             actions = np.asarray(actions)
             if not np.all(all_finite):
                 i = int(np.argmin(all_finite))
                 metrics_i = {key: value[i] for key, value in jax.device_get(metrics).items()}
-                parameters = {
-                    "policy parameters": agents[i].policy.params,
-                    "critic parameters": agents[i].critic.params,
-                }
+                policy, critic = agents[i].policy, agents[i].critic
+                parameters = {"policy parameters": policy.params, "critic parameters": critic.params}
                 run_utils.stop_on_divergence(run_dirs[i], step, metrics_i, parameters, checkpoint_step)
             if step % args.log_every == 0:
                 metrics = jax.device_get(metrics)
@@ -639,11 +587,12 @@ def main():
         if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_timesteps):
             eval_start = time.time()
             eval_returns = []
-            for i, (eval_env, logger) in enumerate(zip(eval_envs, loggers)):
-                key = jax.random.fold_in(eval_keys[i], step)  # the same key at this step, resumed or not
-                eval_returns.append(
-                    evaluate(eval_env, functions.evaluation_action, agents[i].policy, args.eval_episodes, key)
+            for eval_env, logger, agent, eval_key in zip(eval_envs, loggers, agents, eval_keys):
+                key = jax.random.fold_in(eval_key, step)  # the same key at this step, resumed or not
+                evaluation = run_utils.evaluate_gym(
+                    eval_env, functions.evaluation_action, agent.policy, args.eval_episodes, key
                 )
+                eval_returns.append(evaluation)
                 logger.log(step, {"eval/episodic_return": eval_returns[-1]})
             returns = ", ".join(f"{r:.1f}" for r in eval_returns)
             print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)

@@ -1,26 +1,28 @@
 """QC-FQL: flow Q-learning with action chunking, offline-to-online on OGBench (JAX, cleanrl style).
 
-With `--horizon-length 1` this is plain FQL (Park et al., 2025); with h > 1 it is QC-FQL
-(Li et al., 2025, "Reinforcement Learning with Action Chunking"), the baseline that SAC Flow's
-offline-to-online experiments build on.
+With --horizon-length 1 this is plain FQL (Park et al., 2025); with h > 1 it is QC-FQL (Li et al., 2025,
+"Reinforcement Learning with Action Chunking"), the baseline that SAC Flow's offline-to-online experiments build on.
+The policy acts in chunks: it outputs h actions a_{t:t+h} as one vector of D = h·d numbers, and the whole chunk runs
+open-loop in the environment. Everything below works on chunks A = a_{t:t+h}.
+Critic: 2 Q networks Q_i(s, A) (MLP 4×512, GELU, LayerNorm), a target network (Polyak rate τ):
 
-The policy acts in chunks: it outputs h actions a_{t:t+h} as one vector of h*d numbers, and the whole
-chunk runs open-loop in the environment. Everything below works on chunks A = a_{t:t+h}.
+    y = Σ_{i<h} γ^i r_{t+i} + γ^h m · mean_i Q_target,i(s_{t+h}, A'),   A' = μ(s_{t+h}, z)
+    L_Q = mean over (i, batch) of valid · (Q_i(s_t, A_t) − y)²
 
-Critic: 2 Q networks Q_i(s, A) (MLP 4x512, GELU, LayerNorm), target network with Polyak rate tau.
-    y = sum_{i<h} gamma^i r_{t+i} + gamma^h * m * mean_i Qtarget_i(s_{t+h}, A'),   A' = mu(s_{t+h}, z)
-    m = 0 if the task was solved at any step of the chunk (no bootstrapping after success), else 1
-    L_Q = mean over (i, batch) of valid * (Q_i(s_t, A_t) - y)^2
-  where valid = 0 for chunks that run past the end of an episode (their rewards would mix two episodes).
-Flow BC policy v(s, x, t) (MLP 4x512, GELU), trained by flow matching on data chunks:
-    x_0 ~ N(0, I), x_1 = A_t, t ~ U[0, 1], x_t = (1 - t) x_0 + t x_1
-    L_BC = mean || v(s, x_t, t) - (x_1 - x_0) ||^2   (actions after an episode end are masked out)
-  and sampled with `flow_steps` Euler steps x <- x + v(s, x, k/K) / K from x_0 = z, then clipped to [-1, 1].
-One-step policy mu(s, z) (MLP 4x512, GELU), the policy that acts:
-    L_mu = alpha * mean || mu(s, z) - flow(s, z) ||^2 - mean_b mean_i Q_i(s, clip(mu(s, z), -1, 1))
-All three losses are summed and minimised by one Adam step per update (each gradient reaches only its own
-network). Offline: updates on the dataset. Online: the dataset is the initial replay buffer, each
-environment step appends one transition and makes one update.
+m = 0 once the task is solved inside the chunk (no bootstrap after success); valid = 0 for chunks that run past the end
+of an episode (their rewards would mix two episodes). Flow BC policy v(s, x, t) (MLP 4×512, GELU), trained by flow
+matching on data chunks and sampled with K Euler steps x ← x + v(s, x, k/K) / K from x_0 = z, clipped to [−1, 1]:
+
+    x_0 ~ N(0, I), x_1 = A_t, t ~ U[0, 1], x_t = (1 − t) x_0 + t x_1
+    L_BC = mean ‖v(s, x_t, t) − (x_1 − x_0)‖²        (actions after an episode end masked out)
+
+One-step policy μ(s, z) (MLP 4×512, GELU), the policy that acts:
+
+    L_μ = α · mean ‖μ(s, z) − flow(s, z)‖² − mean_b mean_i Q_i(s, clip(μ(s, z), −1, 1))
+
+The three losses are summed and minimised by one Adam step per update (each gradient reaches only its own network).
+Offline: updates on the dataset. Online: the dataset is the initial replay buffer; each environment step appends one
+transition and makes one update.
 
 Example:
     python offline_to_online/make_dataset.py --env-name cube-triple-play-v0
@@ -30,22 +32,16 @@ Example:
 import functools
 import os
 import time
-import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import flax
 import flax.linen as nn
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ogbench  # noqa: F401  (registers the OGBench environments with gymnasium)
 import optax
 import run_utils  # run plumbing (run directory, metrics.csv, wandb, checkpoints, progress), the same in both folders
-from ogbench.relabel_utils import relabel_dataset
-from ogbench.utils import load_dataset
 
 
 @dataclass
@@ -90,7 +86,7 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
     tau: float = 0.005
     """target critic Polyak rate"""
     alpha: float = 100.0
-    """distillation coefficient of the one-step policy (100 in the README commands)"""
+    """the distillation weight α of the one-step policy (100 in QC-FQL's published commands)"""
     flow_steps: int = 10
     """Euler steps of the flow BC policy"""
     critic_hidden_dims: tuple[int, ...] = (512, 512, 512, 512)
@@ -102,48 +98,7 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: OGBench dataset -> replay buffer on the device
-# ----------------------------------------------------------------------------------------------------
-
-
-def split_ogbench_name(name: str) -> tuple[str, str]:
-    """'cube-triple-play-singletask-task4-v0' -> env id 'cube-triple-singletask-task4-v0', dataset 'cube-triple-play-v0'
-    (the same rule as ogbench.make_env_and_datasets)."""
-    parts = name.split("-")
-    if "singletask" not in parts:
-        raise SystemExit(
-            f"error: --env-name {name} is not an OGBench single-task name (<env>-<type>-singletask-...-v0)"
-        )
-    pos = parts.index("singletask")
-    return "-".join(parts[: pos - 1] + parts[pos:]), "-".join(parts[:pos] + parts[-1:])
-
-
-def load_ogbench_dataset(path: str, env_id: str, env: gym.Env, make_it: str) -> dict:
-    """Loads <dataset>.npz as OGBench does (transitions with next_observations, rewards and masks relabelled from
-    qpos for the env's task) and checks it fits the env; a bad file ends the run with one line naming `make_it`."""
-    try:
-        dataset = load_dataset(path, compact_dataset=False, add_info=True)
-    except KeyError as e:
-        raise SystemExit(f"error: dataset file {path} lacks a required array ({e.args[0]}); remake it with: {make_it}")
-    except IndexError:  # the boolean terminal mask does not fit the other arrays
-        raise SystemExit(f"error: dataset file {path} has arrays of different lengths; remake it with: {make_it}")
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        raise SystemExit(f"error: dataset file {path} is not a readable .npz file; remake it with: {make_it}")
-    expected = {
-        "observations": env.observation_space.shape,
-        "actions": env.action_space.shape,
-        "qpos": env.unwrapped._data.qpos.shape,
-    }
-    for key, shape in expected.items():
-        if key not in dataset or dataset[key].shape[1:] != shape or len(dataset[key]) != len(dataset["observations"]):
-            got = dataset[key].shape if key in dataset else "nothing"
-            needed = ", ".join(map(str, shape))
-            raise SystemExit(
-                f"error: dataset file {path} has {key} of shape {got}, but {env_id} needs (N, {needed}); "
-                f"remake it with: {make_it}"
-            )
-    relabel_dataset(env_id, env, dataset)  # rewards = #solved - #subtasks, masks = 0 once all are solved
-    return dataset
+# Data: OGBench dataset → replay buffer on the device
 
 
 def make_replay_buffer(dataset: dict, capacity: int, sparse: bool) -> dict:
@@ -191,18 +146,12 @@ def add_transition(buffer: dict, position, transition: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # Math: chunked TD target and flow matching
-# ----------------------------------------------------------------------------------------------------
 
 
 def chunked_td_target(rewards, masks, terminals, next_q, gamma):
-    """Chunked TD target and validity of each chunk step, as QC-FQL.
-
-    rewards, masks, terminals: (B, h) of the h transitions starting at s_t; next_q: (B,) value of s_{t+h}.
-    target = sum_{i<h} gamma^i r_{t+i} + gamma^h * min_i(masks) * next_q  (no bootstrap once the task is solved)
-    valid[:, i] = 0 when an episode ended at a step before i (that action and reward belong to another episode);
-    the critic uses valid[:, -1], so chunks that cross an episode end are dropped (ending exactly at the chunk's
-    last step is fine: then s_{t+h} is that episode's true next state).
-    """
+    """y = Σ_{i<h} γ^i r_{t+i} + γ^h min_i(masks) next_q, and valid[:, i] = 0 when an episode ended at a step before i,
+    from (B, h) rewards, masks, terminals and the (B,) value of s_{t+h}, as QC-FQL. The critic uses valid[:, -1]:
+    chunks that cross an episode end are dropped (ending at the chunk's last step is fine)."""
     horizon = rewards.shape[-1]
     reward_sum = jnp.sum(rewards * gamma ** jnp.arange(horizon), axis=-1)
     bootstrap = jnp.min(masks, axis=-1)
@@ -233,7 +182,6 @@ def flow_policy_actions(velocity_fn, observations, noise, flow_steps: int):
 
 # ----------------------------------------------------------------------------------------------------
 # Networks
-# ----------------------------------------------------------------------------------------------------
 
 
 class MLP(nn.Module):
@@ -348,7 +296,6 @@ def make_agent(args: Args, obs_dim: int, action_dim: int) -> tuple[QCFQL, AgentS
 
 # ----------------------------------------------------------------------------------------------------
 # Losses and updates
-# ----------------------------------------------------------------------------------------------------
 
 
 def qc_fql_loss(params, target_critic_params, agent: QCFQL, batch: dict, key):
@@ -466,46 +413,6 @@ def online_step(agent: QCFQL, state: AgentState, buffer: dict, position, transit
     return state, buffer, metrics, finite, chunk
 
 
-def evaluate(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_length: int, action_dim: int):
-    """Mean success (OGBench's info['success'] at the episode's end) and mean return; chunks run open-loop.
-    The key also seeds the environment, so the result depends only on the parameters and the key."""
-    seed_key, key = jax.random.split(key)
-    seed = int(jax.random.randint(seed_key, (), 0, 2**31 - 1))
-    successes, returns = [], []
-    for episode in range(num_episodes):
-        observation, _ = env.reset(seed=seed if episode == 0 else None)
-        episode_return, done, queue = 0.0, False, []
-        while not done:
-            if not queue:
-                key, act_key = jax.random.split(key)
-                chunk = np.asarray(act(params, np.asarray(observation, np.float32)[None], act_key)[0])
-                queue = list(chunk.reshape(horizon_length, action_dim))
-            observation, reward, terminated, truncated, info = env.step(queue.pop(0))
-            episode_return += float(reward)
-            done = terminated or truncated
-        successes.append(float(info["success"]))
-        returns.append(episode_return)
-    return float(np.mean(successes)), float(np.mean(returns))
-
-
-def restore_agent(checkpoint: dict, state: AgentState, buffer: dict, dataset_size: int, episode_continues: bool):
-    """The agent state, RNG key and replay buffer of a checkpoint, restored into the freshly built `state` and `buffer`
-    (whose first dataset_size rows hold the reloaded dataset; the saved online transitions go after them).
-    `episode_continues`: the environment was restored, so the saved online episode goes on after the cut."""
-    online_rows = int(checkpoint["online_step"])
-    online_replay = {name: np.zeros((online_rows, *column.shape[1:]), column.dtype) for name, column in buffer.items()}
-    target = {"state": state, "rng_key": jax.random.key_data(jax.random.key(0)), "online_replay": online_replay}
-    restored = run_utils.restore_state(target, checkpoint["agent"], "the checkpoint")
-    buffer = {
-        name: column.at[dataset_size : dataset_size + online_rows].set(restored["online_replay"][name])
-        for name, column in buffer.items()
-    }
-    if online_rows > 0 and not episode_continues:
-        # The resumed run starts a new episode: the saved one ends here, so no chunk runs across the cut.
-        buffer["terminals"] = buffer["terminals"].at[dataset_size + online_rows - 1].set(1.0)
-    return restored["state"], jax.random.wrap_key_data(restored["rng_key"]), buffer
-
-
 # ----------------------------------------------------------------------------------------------------
 # The training loop
 
@@ -532,44 +439,13 @@ def check_args(args: Args):
 def main():
     args, checkpoint = run_utils.parse_args(Args, SCRIPT)
     check_args(args)
-    env_id, dataset_name = split_ogbench_name(args.env_name)
-    if env_id not in gym.envs.registry:
-        raise SystemExit(f"error: unknown OGBench environment {env_id} (from --env-name {args.env_name})")
-    start_offline, start_online = (
-        (0, 0) if checkpoint is None else (checkpoint["offline_step"], checkpoint["online_step"])
+    start_offline, start_online = run_utils.offline_start(args, checkpoint)
+    min_size = max(args.batch_size, args.horizon_length)
+    env, eval_env, dataset, dataset_path = run_utils.make_ogbench_task(
+        args.env_name, args.dataset_dir, args.max_episode_steps, min_size
     )
-    # The online phase cannot start again: once it has begun, the offline step count is fixed.
-    if (
-        start_offline > args.offline_steps
-        or start_online > args.online_steps
-        or (start_online > 0 and start_offline != args.offline_steps)
-    ):
-        raise SystemExit(
-            f"error: the checkpoint of {args.resume} is at offline step {start_offline}, online step {start_online}: "
-            f"it cannot continue with --offline-steps {args.offline_steps} --online-steps {args.online_steps}"
-        )
-    dataset_dir = os.path.expanduser(args.dataset_dir if args.dataset_dir is not None else "~/.ogbench/data")
-    dataset_path = os.path.join(dataset_dir, f"{dataset_name}.npz")
-    make_it = f"python offline_to_online/make_dataset.py --env-name {dataset_name} --dataset-dir {dataset_dir}"
-    if not os.path.isfile(dataset_path):
-        raise SystemExit(f"error: dataset file {dataset_path} not found; make it with: {make_it}")
-
-    # This script never renders: without a GL setting, MuJoCo (imported by gym.make) looks for an X display and
-    # warns on headless machines. OGBench declares float64 observation bounds; gymnasium's cast warning is harmless.
-    os.environ.setdefault("MUJOCO_GL", "disable")
-    warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
-    env_kwargs = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
-    # Without the environment checker, which only builds the MuJoCo model once more (about a second each).
-    env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
-    eval_env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
     action_dim = env.action_space.shape[0]
-    dataset = load_ogbench_dataset(dataset_path, env_id, env, make_it)
     dataset_size = len(dataset["observations"])
-    if dataset_size < max(args.batch_size, args.horizon_length):
-        raise SystemExit(
-            f"error: dataset {dataset_path} has {dataset_size} transitions, fewer than --batch-size {args.batch_size} "
-            f"or --horizon-length {args.horizon_length}"
-        )
 
     agent, state = make_agent(args, env.observation_space.shape[0], action_dim)
     buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
@@ -581,7 +457,9 @@ def main():
         # An online episode goes on where it stopped when the checkpoint holds its environment (OGBench's tasks).
         env.reset(seed=args.seed + start_online)
         online_loop = run_utils.restore_ogbench_state(env, checkpoint.get("environment", {}))
-        state, key, buffer = restore_agent(checkpoint, state, buffer, dataset_size, online_loop is not None)
+        state, key, buffer = run_utils.restore_offline_agent(
+            checkpoint, state, buffer, dataset_size, online_loop is not None
+        )
         last_checkpoint_step = int(checkpoint["step"])
         del checkpoint
     print(f"run {os.path.basename(run_dir)}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}")
@@ -600,7 +478,7 @@ def main():
         if args.eval_episodes == 0:
             return
         eval_start = time.time()
-        success, episodic_return = evaluate(
+        success, episodic_return = run_utils.evaluate_ogbench(
             eval_env, eval_act, state.params, jax.random.fold_in(eval_key, step), args.eval_episodes,
             args.horizon_length, action_dim,
         )  # fmt: skip
@@ -687,7 +565,7 @@ def main():
     else:
         observation, queue, episode_return, episode_length = online_loop
     position = dataset_size + start_online
-    metrics, latest_success = None, float("nan")
+    metrics, latest_success = {}, float("nan")
     unchecked = []  # (global step, divergence check, metrics) of the updates whose check the host has not read yet
     progress.phase("online", args.offline_steps + start_online, total_steps)
     for online_step_index in range(start_online + 1, args.online_steps + 1):
@@ -743,9 +621,7 @@ def main():
         if not queue:
             queue = list(np.asarray(chunk).reshape(args.horizon_length, action_dim))
         if log_now:
-            logger.log(
-                global_step, {**(metrics if metrics is not None else {}), "charts/SPS": progress.rate(global_step)}
-            )
+            logger.log(global_step, {**metrics, "charts/SPS": progress.rate(global_step)})
         progress.report(global_step, f"latest success {latest_success}", force=log_now)
         if eval_now:
             run_evaluation(global_step)

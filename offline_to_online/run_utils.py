@@ -24,6 +24,8 @@ import sys
 import time
 import urllib.parse
 import uuid
+import warnings
+import zipfile
 import zlib
 from collections.abc import Callable
 
@@ -246,6 +248,160 @@ def open_run(run_dir: str, args, wandb_id: str, resume_step: int | None, group: 
             reinit="create_new",
         )
     return MetricsLog(run_dir, wandb_run, resume_step)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation (the deterministic policy the script gives)
+
+
+def evaluate_gym(env: gym.Env, evaluation_action, policy, episodes: int, key) -> float:
+    """Mean return of `episodes` episodes of evaluation_action(policy.params, policy.batch_stats, obs, key)."""
+    returns = []
+    for _ in range(episodes):
+        obs, _ = env.reset()
+        done = False
+        while not done:
+            key, action_key = jax.random.split(key)
+            action = evaluation_action(policy.params, policy.batch_stats, jnp.asarray(obs, jnp.float32), action_key)
+            obs, _, terminated, truncated, info = env.step(np.asarray(action))
+            done = terminated or truncated
+        returns.append(info["episode"]["r"])
+    return float(np.mean(returns))
+
+
+def evaluate_ogbench(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_length: int, action_dim: int):
+    """Mean success (OGBench's info['success'] at the episode's end) and mean return; chunks run open-loop.
+    The key also seeds the environment, so the result depends only on the parameters and the key."""
+    seed_key, key = jax.random.split(key)
+    seed = int(jax.random.randint(seed_key, (), 0, 2**31 - 1))
+    successes, returns = [], []
+    for episode in range(num_episodes):
+        observation, _ = env.reset(seed=seed if episode == 0 else None)
+        episode_return, done, queue = 0.0, False, []
+        while not done:
+            if not queue:
+                key, act_key = jax.random.split(key)
+                chunk = np.asarray(act(params, np.asarray(observation, np.float32)[None], act_key)[0])
+                queue = list(chunk.reshape(horizon_length, action_dim))
+            observation, reward, terminated, truncated, info = env.step(queue.pop(0))
+            episode_return += float(reward)
+            done = terminated or truncated
+        successes.append(float(info["success"]))
+        returns.append(episode_return)
+    return float(np.mean(successes)), float(np.mean(returns))
+
+
+# ----------------------------------------------------------------------------------------------------
+# OGBench tasks and datasets (offline_to_online/)
+
+
+def make_ogbench_task(env_name: str, dataset_dir: str | None, max_episode_steps: int | None, min_size: int):
+    """The environment, a second one for evaluation, the dataset (relabelled for the task) and its path, for an OGBench
+    single-task name; one line for an unknown name, a missing, damaged or too small dataset (naming the command that
+    makes it), or action bounds other than [-1, 1]."""
+    import ogbench  # noqa: F401  (registers the OGBench environments with gymnasium; only offline_to_online/ needs it)
+
+    env_id, dataset_name = split_ogbench_name(env_name)
+    if env_id not in gym.envs.registry:
+        raise SystemExit(f"error: unknown OGBench environment {env_id} (from --env-name {env_name})")
+    dataset_dir = os.path.expanduser(dataset_dir if dataset_dir is not None else "~/.ogbench/data")
+    dataset_path = os.path.join(dataset_dir, f"{dataset_name}.npz")
+    make_it = f"python offline_to_online/make_dataset.py --env-name {dataset_name} --dataset-dir {dataset_dir}"
+    if not os.path.isfile(dataset_path):
+        raise SystemExit(f"error: dataset file {dataset_path} not found; make it with: {make_it}")
+    # The offline scripts never render: without a GL setting, MuJoCo (imported by gym.make) looks for an X display and
+    # warns on headless machines. OGBench declares float64 observation bounds; gymnasium's cast warning is harmless.
+    os.environ.setdefault("MUJOCO_GL", "disable")
+    warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+    env_kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+    # Without the environment checker, which only builds the MuJoCo model once more (about a second each).
+    env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
+    eval_env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
+    if not (np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)):
+        raise SystemExit(f"error: {env_id} has action bounds other than [-1, 1], which the tanh squash assumes")
+    dataset = load_ogbench_dataset(dataset_path, env_id, env, make_it)
+    if len(dataset["observations"]) < min_size:
+        raise SystemExit(
+            f"error: dataset {dataset_path} has {len(dataset['observations'])} transitions, fewer than the batch size "
+            f"or the chunk length ({min_size})"
+        )
+    return env, eval_env, dataset, dataset_path
+
+
+def offline_start(args, checkpoint: dict | None) -> tuple[int, int]:
+    """The offline and online steps a run starts from: 0, 0, or its checkpoint's, when --offline-steps and
+    --online-steps let it continue (once the online phase has begun, the offline step count is fixed)."""
+    if checkpoint is None:
+        return 0, 0
+    offline, online = int(checkpoint["offline_step"]), int(checkpoint["online_step"])
+    if offline > args.offline_steps or online > args.online_steps or (online > 0 and offline != args.offline_steps):
+        raise SystemExit(
+            f"error: the checkpoint of {args.resume} is at offline step {offline}, online step {online}: "
+            f"it cannot continue with --offline-steps {args.offline_steps} --online-steps {args.online_steps}"
+        )
+    return offline, online
+
+
+def restore_offline_agent(checkpoint: dict, state, buffer: dict, dataset_size: int, episode_continues: bool):
+    """The agent state, RNG key and replay buffer of a checkpoint, restored into the freshly built `state` and `buffer`
+    (whose first dataset_size rows hold the reloaded dataset; the saved online transitions go after them).
+    `episode_continues`: the environment was restored, so the saved online episode goes on after the cut."""
+    online_rows = int(checkpoint["online_step"])
+    online_replay = {name: np.zeros((online_rows, *column.shape[1:]), column.dtype) for name, column in buffer.items()}
+    target = {"state": state, "rng_key": jax.random.key_data(jax.random.key(0)), "online_replay": online_replay}
+    restored = restore_state(target, checkpoint["agent"], "the checkpoint")
+    buffer = {
+        name: column.at[dataset_size : dataset_size + online_rows].set(restored["online_replay"][name])
+        for name, column in buffer.items()
+    }
+    if online_rows > 0 and not episode_continues:
+        # The resumed run starts a new episode: the saved one ends here, so no chunk runs across the cut.
+        buffer["terminals"] = buffer["terminals"].at[dataset_size + online_rows - 1].set(1.0)
+    return restored["state"], jax.random.wrap_key_data(restored["rng_key"]), buffer
+
+
+def split_ogbench_name(name: str) -> tuple[str, str]:
+    """'cube-triple-play-singletask-task4-v0' -> env id 'cube-triple-singletask-task4-v0', dataset 'cube-triple-play-v0'
+    (the same rule as ogbench.make_env_and_datasets)."""
+    parts = name.split("-")
+    if "singletask" not in parts:
+        raise SystemExit(
+            f"error: --env-name {name} is not an OGBench single-task name (<env>-<type>-singletask-...-v0)"
+        )
+    pos = parts.index("singletask")
+    return "-".join(parts[: pos - 1] + parts[pos:]), "-".join(parts[:pos] + parts[-1:])
+
+
+def load_ogbench_dataset(path: str, env_id: str, env: gym.Env, make_it: str) -> dict:
+    """Loads <dataset>.npz as OGBench does (transitions with next_observations, rewards and masks relabelled from
+    qpos for the env's task) and checks it fits the env; a bad file ends the run with one line naming `make_it`."""
+    from ogbench.utils import load_dataset
+
+    try:
+        dataset = load_dataset(path, compact_dataset=False, add_info=True)
+    except KeyError as e:
+        raise SystemExit(f"error: dataset file {path} lacks a required array ({e.args[0]}); remake it with: {make_it}")
+    except IndexError:  # the boolean terminal mask does not fit the other arrays
+        raise SystemExit(f"error: dataset file {path} has arrays of different lengths; remake it with: {make_it}")
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        raise SystemExit(f"error: dataset file {path} is not a readable .npz file; remake it with: {make_it}")
+    expected = {
+        "observations": env.observation_space.shape,
+        "actions": env.action_space.shape,
+        "qpos": env.unwrapped._data.qpos.shape,
+    }
+    for key, shape in expected.items():
+        if key not in dataset or dataset[key].shape[1:] != shape or len(dataset[key]) != len(dataset["observations"]):
+            got = dataset[key].shape if key in dataset else "nothing"
+            needed = ", ".join(map(str, shape))
+            raise SystemExit(
+                f"error: dataset file {path} has {key} of shape {got}, but {env_id} needs (N, {needed}); "
+                f"remake it with: {make_it}"
+            )
+    from ogbench.relabel_utils import relabel_dataset  # only offline_to_online/ needs OGBench
+
+    relabel_dataset(env_id, env, dataset)  # rewards = #solved - #subtasks, masks = 0 once all are solved
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,46 +1,43 @@
 """SAC Flow-G offline-to-online on OGBench: a flow policy with a gated (GRU-like) velocity, action chunks.
 
-The offline-to-online agent of SAC Flow (arXiv 2509.25756), on the QC-FQL setup (qc_fql.py): the policy outputs
-a chunk of h actions as one vector of D = h*d numbers, and the whole chunk runs open-loop in the environment.
+The offline-to-online agent of SAC Flow (arXiv 2509.25756) on the QC-FQL setup (qc_fql.py): the policy outputs a
+chunk of h actions as one vector of D = h·d numbers, and the whole chunk runs open-loop in the environment.
+Policy: the noise-augmented flow rollout, K steps, Δt = 1/K, t_k = k·Δt, over a whole chunk:
 
-Policy (the noise-augmented flow rollout of SAC Flow, K steps, dt = 1/K, t_k = k dt), over a whole chunk:
     A_0 ~ N(0, I_D)
-    v_k = v(LN(s), A_k, phi(t_k))                                  velocity network (below), state LayerNorm-ed
-    b_k = (1 + t_k sigma^2 / (2(1 - t_k))) v_k - sigma^2 / (2(1 - t_k)) A_k   drift that keeps the flow's marginals
-    A_{k+1} = A_k + dt b_k + sigma sqrt(dt) eps_k,   eps_k ~ N(0, I_D)
-    chunk = tanh(A_K)                                               (OGBench actions are in [-1, 1])
-    log pi = log N(A_0; 0, I) + sum_k log N(A_{k+1}; A_k + dt b_k, sigma^2 dt I) - sum_j log(1 - tanh(A_K)_j^2 + 1e-6)
-sigma is a state-dependent standard deviation (log sigma squashed into [-5, log sqrt 2]) unless --noise-std fixes it.
-Flow-G velocity (gated, GRU-like), with x = [LN(s), A_k, phi(t_k)] and two swish MLPs (two hidden layers of 512):
-    g = sigmoid(GateNet(x)),   c = CandidateNet(x),   v_k = g * (c - A_k)
-Without noise a step is A_{k+1} = (1 - dt g) A_k + dt g c, a GRU update whose Jacobian's identity path is scaled by
-the gate, so the gradient through the K steps stays bounded. The gate's last layer starts at zero weights and bias 5
-(g ~ 0.993 everywhere at first).
+    v_k = v_θ(LN(s), A_k, φ(t_k))                                     velocity network (below), state LayerNorm-ed
+    b_k = (1 + t_k σ² / (2(1 − t_k))) · v_k − σ² / (2(1 − t_k)) · A_k   drift that keeps the flow's marginals
+    A_{k+1} = A_k + Δt · b_k + σ √Δt · ε_k,   ε_k ~ N(0, I_D)
+    chunk = tanh(A_K)                                                 (OGBench actions are in [−1, 1])
+    log π = log N(A_0; 0, I) + Σ_k log N(A_{k+1}; A_k + Δt b_k, σ² Δt I) − Σ_j log(1 − tanh(A_K)_j² + 1e-6)
 
-Critic: 2 Q networks Q_i(s, chunk) (MLP 4x512, GELU, LayerNorm), target network with Polyak rate tau, Q = mean_i Q_i.
-    y = sum_{i<h} gamma^i r_{t+i} + gamma^h m (Qtarget(s_{t+h}, A') - alpha log pi(A'|s_{t+h})),   A' ~ pi(.|s_{t+h})
-    L_Q = mean over (i, batch) of valid * (Q_i(s_t, A_t) - y)^2
-  m = 0 once the task is solved inside the chunk; valid = 0 for chunks that cross an episode end (as QC-FQL).
+σ is a state-dependent standard deviation (log σ squashed into [−5, log √2]) unless --noise-std fixes it.
+Flow-G velocity (gated, GRU-like), with x = [LN(s), A_k, φ(t_k)] and two swish MLPs (two hidden layers of 512):
 
-Three phases, each update one Adam step on the critic loss plus the actor loss (stop_gradient keeps each
-gradient in its own network), then a Polyak step of the target critic:
-  (a) offline BC, the first --bc-fraction of the offline steps: flow matching on data chunks, with
-          x_0 ~ N(0, I), x_1 = atanh(clip(A_t, +-0.999)), t ~ U[0, 1), x_t = (1 - t) x_0 + t x_1
-          L_BC = mean || v(LN(s), x_t, phi(t)) - (x_1 - x_0) ||^2     (chunk steps past an episode end masked)
-      The flow runs in pre-tanh space so that tanh(A_K) reproduces the data (a flow to the raw actions would
-      shrink every action by the tanh: tanh(1) = 0.76). The clip keeps data at the bounds, common in play data,
-      from giving targets atanh(1 - 1e-5) = 6.1 that would dominate the loss, for an action change below 1e-3.
-  (b) offline action-regularised SAC, the rest of the offline steps (beta = --alpha):
-          L_pi = beta * mean_{b,i,j} valid (a_theta - a_data)^2 + mean_b (alpha log pi(a_theta|s) - Q(s, a_theta))
-          L_alpha = -log alpha * mean(log pi(a_theta|s) + H_target)       log alpha float32, Adam
-      (the squared error is averaged over chunk entries, as QC-FQL's distillation term, so beta = 100 means the
-      same as in its README commands). --interleave-offline-updates makes a BC update and then a SAC update on
-      every offline step instead, as the released code does.
-  (c) online: the dataset is the initial replay buffer; each environment step appends one transition, makes one
-      SAC update as in (b) with beta = --online-alpha, and samples the next chunk (stochastic, as SAC explores).
-      Evaluation is deterministic: eps = 0 at every flow step, A_0 sampled (--eval-zero-initial-noise: A_0 = 0).
+    g = sigmoid(GateNet(x)),   ĉ = CandidateNet(x),   v_k = g ⊙ (ĉ − A_k)
 
-docs/design.md explains the choices (entropy in the TD target, the target entropy, why alpha cannot collapse here).
+Without noise a step is A_{k+1} = (1 − Δt g) ⊙ A_k + Δt g ⊙ ĉ, a GRU update: the gate scales the identity path of
+∂A_{k+1}/∂A_k into [1 − Δt, 1], so the gradient through the K steps stays bounded. The gate starts open.
+
+Critic: 2 Q networks Q_i(s, chunk) (MLP 4×512, GELU, LayerNorm), a target network (Polyak rate τ), Q = mean_i Q_i:
+
+    y = Σ_{i<h} γ^i r_{t+i} + γ^h m (Q_target(s_{t+h}, A') − α log π(A'|s_{t+h})),   A' ~ π(·|s_{t+h})
+    L_Q = mean over (i, batch) of valid · (Q_i(s_t, A_t) − y)²
+
+m = 0 once the task is solved inside the chunk; valid = 0 for chunks that cross an episode end (as QC-FQL).
+Three phases; each update is one Adam step on the critic loss plus the actor loss (stop_gradient keeps each gradient
+in its own network), then a Polyak step of the target critic:
+  (a) offline BC, the first --bc-fraction of the offline steps: flow matching on data chunks, in pre-tanh space,
+          x_0 ~ N(0, I), x_1 = atanh(clip(A_t, ±0.999)), t ~ U[0, 1), x_t = (1 − t) x_0 + t x_1
+          L_BC = mean ‖v_θ(LN(s), x_t, φ(t)) − (x_1 − x_0)‖²     (chunk steps past an episode end masked)
+  (b) offline action-regularised SAC, the rest of the offline steps (β = --alpha):
+          L_π = β · mean_{b,i,j} valid (a_θ − a_data)² + mean_b (α log π(a_θ|s) − Q(s, a_θ))
+          L_α = −log α · mean(log π(a_θ|s) + H_target)
+      --interleave-offline-updates makes a BC update and then a SAC update on every offline step, as the released code.
+  (c) online: the dataset is the initial replay buffer; each environment step appends one transition, makes one SAC
+      update as in (b) with β = --online-alpha, and samples the next chunk (stochastic, as SAC explores).
+Evaluation is deterministic: ε = 0 at every flow step, A_0 sampled (--eval-zero-initial-noise: A_0 = 0).
+docs/design.md explains the choices (BC in pre-tanh space, entropy in the TD target, the target entropy, α).
 
 Example:
     python offline_to_online/make_dataset.py --env-name cube-triple-play-v0
@@ -51,22 +48,16 @@ import functools
 import math
 import os
 import time
-import warnings
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import flax
 import flax.linen as nn
-import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ogbench  # noqa: F401  (registers the OGBench environments with gymnasium)
 import optax
 import run_utils  # run plumbing (run directory, metrics.csv, wandb, checkpoints, progress), the same in both folders
-from ogbench.relabel_utils import relabel_dataset
-from ogbench.utils import load_dataset
 
 
 @dataclass
@@ -97,8 +88,7 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
     log_every: int = 5000
     """steps between logged losses and speed"""
     offline_scan_length: int = 1000
-    """offline updates per block of random keys (run as jax.lax.scan calls), cut short at the next log, eval,
-    checkpoint or phase change"""
+    """offline updates per block of random keys (cut short at a log, eval, checkpoint or phase change)"""
     bc_fraction: float = 0.5
     """share of the offline steps that are flow-matching BC (+ TD) only; the rest are action-regularised SAC"""
     interleave_offline_updates: bool = False
@@ -115,9 +105,9 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
     tau: float = 0.005
     """target critic Polyak rate"""
     alpha: float = 100.0
-    """beta, weight of the action regularisation beta * mean (a_theta - a_data)^2 offline (100 in the README)"""
+    """the behaviour-cloning weight β (named --alpha, as in QC-FQL's published commands): β · mean (a_θ − a_data)²"""
     online_alpha: float | None = None
-    """beta of the online phase (None: --alpha, so the actor's objective does not jump at the switch to online)"""
+    """β of the online phase (None: --alpha, so the actor's objective does not jump at the switch to online)"""
     init_alpha: float = 0.2
     """initial entropy coefficient alpha (learned from there)"""
     target_entropy: float | None = None
@@ -142,48 +132,7 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: OGBench dataset -> replay buffer on the device
-# ----------------------------------------------------------------------------------------------------
-
-
-def split_ogbench_name(name: str) -> tuple[str, str]:
-    """'cube-triple-play-singletask-task4-v0' -> env id 'cube-triple-singletask-task4-v0', dataset 'cube-triple-play-v0'
-    (the same rule as ogbench.make_env_and_datasets)."""
-    parts = name.split("-")
-    if "singletask" not in parts:
-        raise SystemExit(
-            f"error: --env-name {name} is not an OGBench single-task name (<env>-<type>-singletask-...-v0)"
-        )
-    pos = parts.index("singletask")
-    return "-".join(parts[: pos - 1] + parts[pos:]), "-".join(parts[:pos] + parts[-1:])
-
-
-def load_ogbench_dataset(path: str, env_id: str, env: gym.Env, make_it: str) -> dict:
-    """Loads <dataset>.npz as OGBench does (transitions with next_observations, rewards and masks relabelled from
-    qpos for the env's task) and checks it fits the env; a bad file ends the run with one line naming `make_it`."""
-    try:
-        dataset = load_dataset(path, compact_dataset=False, add_info=True)
-    except KeyError as e:
-        raise SystemExit(f"error: dataset file {path} lacks a required array ({e.args[0]}); remake it with: {make_it}")
-    except IndexError:  # the boolean terminal mask does not fit the other arrays
-        raise SystemExit(f"error: dataset file {path} has arrays of different lengths; remake it with: {make_it}")
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        raise SystemExit(f"error: dataset file {path} is not a readable .npz file; remake it with: {make_it}")
-    expected = {
-        "observations": env.observation_space.shape,
-        "actions": env.action_space.shape,
-        "qpos": env.unwrapped._data.qpos.shape,
-    }
-    for key, shape in expected.items():
-        if key not in dataset or dataset[key].shape[1:] != shape or len(dataset[key]) != len(dataset["observations"]):
-            got = dataset[key].shape if key in dataset else "nothing"
-            needed = ", ".join(map(str, shape))
-            raise SystemExit(
-                f"error: dataset file {path} has {key} of shape {got}, but {env_id} needs (N, {needed}); "
-                f"remake it with: {make_it}"
-            )
-    relabel_dataset(env_id, env, dataset)  # rewards = #solved - #subtasks, masks = 0 once all are solved
-    return dataset
+# Data: OGBench dataset → replay buffer on the device
 
 
 def make_replay_buffer(dataset: dict, capacity: int, sparse: bool) -> dict:
@@ -230,19 +179,13 @@ def add_transition(buffer: dict, position, transition: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Math: chunked TD target, flow matching, the policy's log-density and the alpha loss
-# ----------------------------------------------------------------------------------------------------
+# Math: chunked TD target, flow matching, the policy's log-density and the α loss
 
 
 def chunked_td_target(rewards, masks, terminals, next_q, gamma):
-    """Chunked TD target and validity of each chunk step, as QC-FQL.
-
-    rewards, masks, terminals: (B, h) of the h transitions starting at s_t; next_q: (B,) value of s_{t+h}.
-    target = sum_{i<h} gamma^i r_{t+i} + gamma^h * min_i(masks) * next_q  (no bootstrap once the task is solved)
-    valid[:, i] = 0 when an episode ended at a step before i (that action and reward belong to another episode);
-    the critic uses valid[:, -1], so chunks that cross an episode end are dropped (ending exactly at the chunk's
-    last step is fine: then s_{t+h} is that episode's true next state).
-    """
+    """y = Σ_{i<h} γ^i r_{t+i} + γ^h min_i(masks) next_q, and valid[:, i] = 0 when an episode ended at a step before i,
+    from (B, h) rewards, masks, terminals and the (B,) value of s_{t+h}, as QC-FQL. The critic uses valid[:, -1]:
+    chunks that cross an episode end are dropped (ending at the chunk's last step is fine)."""
     horizon = rewards.shape[-1]
     reward_sum = jnp.sum(rewards * gamma ** jnp.arange(horizon), axis=-1)
     bootstrap = jnp.min(masks, axis=-1)
@@ -298,7 +241,6 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
 
 # ----------------------------------------------------------------------------------------------------
 # Networks
-# ----------------------------------------------------------------------------------------------------
 
 
 class MLP(nn.Module):
@@ -368,14 +310,14 @@ GATE_BIAS_INIT = 5.0
 
 
 class VelocityNet(nn.Module):
-    """Flow-G velocity: v = g * (c - A_k), g = sigmoid(GateNet(x)), c = CandidateNet(x), x = [s, A_k, phi(t_k)]."""
+    """Flow-G velocity: v = g ⊙ (ĉ − A_k), g = sigmoid(GateNet(x)), ĉ = CandidateNet(x), x = [s, A_k, φ(t_k)]."""
 
     chunk_dim: int
     hidden: int
     hidden_layers: int
 
     def setup(self):
-        # Zero weights and bias 5: the gate starts open (g ~ 0.993) whatever the input.
+        # Zero weights and bias 5: the gate starts open (g ≈ 0.993) whatever the input.
         self.gate_net = SwishMLP(
             self.hidden,
             self.hidden_layers,
@@ -394,17 +336,13 @@ class VelocityNet(nn.Module):
         return state
 
 
-# sigma <= sqrt 2 keeps every compensated step stable: step k multiplies A_k by 1 - dt sigma^2 / (2(1 - t_k)), which
-# at the last step (1 - t = dt) is 1 - sigma^2 / 2 for any K: in [0, 1] for sigma <= sqrt 2, amplifying for sigma > 2.
+# σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 0.5 * math.log(2.0)
 
 
 class FlowPolicy(nn.Module):
-    """The noise-augmented flow rollout of the header over a chunk, before the tanh squash.
-
-    Takes the rollout's noise as input (A_0 and eps_0..eps_{K-1}), so a path is a deterministic function of it.
-    Returns the path A_0..A_K (K+1, B, D), sigma (B, D) and the Gaussian part of log pi (B,).
-    """
+    """The noise-augmented flow rollout of the header over a chunk, before the tanh squash: a deterministic function
+    of its noise (A_0, ε_0..ε_{K−1}). Returns the path A_0..A_K (K+1, B, D), σ (B, D) and the Gaussian part of log π."""
 
     velocity_net: nn.Module  # v(state_context(state), x, time_features) -> (B, D), the variant's velocity network
     chunk_dim: int
@@ -454,7 +392,6 @@ class FlowPolicy(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # Agent
-# ----------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -465,17 +402,10 @@ class SACFlow:
     policy: FlowPolicy
     optimizer: optax.GradientTransformation
     alpha_optimizer: optax.GradientTransformation
-    chunk_dim: int
-    horizon_length: int
-    batch_size: int
-    gamma: float
-    tau: float
-    offline_beta: float  # --alpha
-    online_beta: float  # --online-alpha
+    chunk_dim: int  # D = h·d
+    online_beta: float  # --online-alpha, or --alpha
     target_entropy: float
-    backup_entropy: bool
-    flow_steps: int
-    eval_zero_initial_noise: bool
+    args: Args
 
 
 @flax.struct.dataclass
@@ -501,16 +431,9 @@ def make_agent(args: Args, obs_dim: int, action_dim: int) -> tuple[SACFlow, Agen
         optimizer=optax.adam(args.learning_rate),
         alpha_optimizer=optax.adam(args.learning_rate),
         chunk_dim=chunk_dim,
-        horizon_length=args.horizon_length,
-        batch_size=args.batch_size,
-        gamma=args.gamma,
-        tau=args.tau,
-        offline_beta=args.alpha,
         online_beta=args.alpha if args.online_alpha is None else args.online_alpha,
         target_entropy=target_entropy_of(args, chunk_dim),
-        backup_entropy=args.backup_entropy,
-        flow_steps=args.flow_steps,
-        eval_zero_initial_noise=args.eval_zero_initial_noise,
+        args=args,
     )
     critic_key, policy_key = jax.random.split(jax.random.key(args.seed))
     obs = jnp.zeros((1, obs_dim), jnp.float32)
@@ -524,13 +447,9 @@ def make_agent(args: Args, obs_dim: int, action_dim: int) -> tuple[SACFlow, Agen
     }
     log_alpha = jnp.asarray(math.log(args.init_alpha), jnp.float32)
     # The target starts as a copy (not the same buffers: the jitted updates donate their inputs).
-    state = AgentState(
-        params,
-        jax.tree.map(jnp.copy, params["critic"]),
-        agent.optimizer.init(params),
-        log_alpha,
-        agent.alpha_optimizer.init(log_alpha),
-    )
+    target_critic_params = jax.tree.map(jnp.copy, params["critic"])
+    optimizer_state, alpha_optimizer_state = agent.optimizer.init(params), agent.alpha_optimizer.init(log_alpha)
+    state = AgentState(params, target_critic_params, optimizer_state, log_alpha, alpha_optimizer_state)
     return agent, state
 
 
@@ -545,7 +464,7 @@ def sample_chunks(agent: SACFlow, policy_params, observations, key):
     """A stochastic chunk and its log-probability for each observation."""
     initial_key, step_key = jax.random.split(key)
     initial_noise = jax.random.normal(initial_key, (observations.shape[0], agent.chunk_dim))
-    step_noise = jax.random.normal(step_key, (agent.flow_steps, observations.shape[0], agent.chunk_dim))
+    step_noise = jax.random.normal(step_key, (agent.args.flow_steps, observations.shape[0], agent.chunk_dim))
     return rollout(agent, policy_params, observations, initial_noise, step_noise)
 
 
@@ -557,15 +476,14 @@ def acting_chunks(agent: SACFlow, params: dict, observations, key):
 def evaluation_chunks(agent: SACFlow, params: dict, observations, key):
     """Deterministic chunks: eps = 0 at every flow step; A_0 sampled unless --eval-zero-initial-noise."""
     initial_noise = jax.random.normal(key, (observations.shape[0], agent.chunk_dim))
-    if agent.eval_zero_initial_noise:
+    if agent.args.eval_zero_initial_noise:
         initial_noise = jnp.zeros_like(initial_noise)
-    step_noise = jnp.zeros((agent.flow_steps, observations.shape[0], agent.chunk_dim))
+    step_noise = jnp.zeros((agent.args.flow_steps, observations.shape[0], agent.chunk_dim))
     return rollout(agent, params["policy"], observations, initial_noise, step_noise)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Losses and updates
-# ----------------------------------------------------------------------------------------------------
 
 
 def critic_loss(critic_params, target_critic_params, policy_params, agent: SACFlow, batch: dict, alpha, key):
@@ -573,9 +491,9 @@ def critic_loss(critic_params, target_critic_params, policy_params, agent: SACFl
     next_chunks, next_log_prob = sample_chunks(agent, policy_params, batch["next_observations"], key)
     # Q = mean of the target ensemble (QC-FQL's q_agg="mean").
     next_q = agent.critic.apply(target_critic_params, batch["next_observations"], next_chunks).mean(axis=0)
-    if agent.backup_entropy:
+    if agent.args.backup_entropy:
         next_q = next_q - alpha * next_log_prob
-    target, valid = chunked_td_target(batch["rewards"], batch["masks"], batch["terminals"], next_q, agent.gamma)
+    target, valid = chunked_td_target(batch["rewards"], batch["masks"], batch["terminals"], next_q, agent.args.gamma)
     q = agent.critic.apply(critic_params, batch["observations"], batch["action_chunks"])
     qf_loss = jnp.mean(valid[:, -1] * (q - jax.lax.stop_gradient(target)) ** 2)
     metrics = {
@@ -595,15 +513,10 @@ def bc_loss(params, target_critic_params, agent: SACFlow, batch: dict, alpha, ke
         params["critic"], target_critic_params, jax.lax.stop_gradient(params["policy"]), agent, batch, alpha, critic_key
     )
     pre_tanh_chunks = jnp.arctanh(jnp.clip(batch["action_chunks"], -BC_TARGET_BOUND, BC_TARGET_BOUND))
-    shape = pre_tanh_chunks.shape
-    loss = flow_matching_loss(
-        lambda s, x, t: agent.policy.apply(params["policy"], s, x, t, method="velocity"),
-        batch["observations"],
-        pre_tanh_chunks,
-        valid,
-        jax.random.normal(noise_key, shape),
-        jax.random.uniform(time_key, (shape[0], 1)),
-    )
+    noise = jax.random.normal(noise_key, pre_tanh_chunks.shape)
+    times = jax.random.uniform(time_key, (len(pre_tanh_chunks), 1))
+    velocity = lambda s, x, t: agent.policy.apply(params["policy"], s, x, t, method="velocity")  # noqa: E731
+    loss = flow_matching_loss(velocity, batch["observations"], pre_tanh_chunks, valid, noise, times)
     return qf_loss + loss, {**metrics, "losses/bc_loss": loss}
 
 
@@ -617,13 +530,10 @@ def sac_loss(params, target_critic_params, agent: SACFlow, batch: dict, alpha, b
     q = agent.critic.apply(jax.lax.stop_gradient(params["critic"]), batch["observations"], chunks).mean(axis=0)
     regularisation = action_regularisation(chunks, batch["action_chunks"], valid)
     actor_loss = beta * regularisation + jnp.mean(alpha * log_prob - q)
-    metrics = {
-        **metrics,
-        "losses/actor_loss": actor_loss,
-        "losses/actor_reg_loss": regularisation,
-        "losses/q_loss": -q.mean(),
-        "losses/entropy": -log_prob.mean(),
-    }
+    metrics = {**metrics, "losses/actor_loss": actor_loss, "losses/actor_reg_loss": regularisation}
+    metrics.update(
+        {"losses/q_loss": -q.mean(), "losses/entropy": -log_prob.mean()}
+    )  # the entropy of the actor's chunks
     return qf_loss + actor_loss, (metrics, log_prob)
 
 
@@ -631,7 +541,7 @@ def apply_gradients(agent: SACFlow, state: AgentState, grads) -> AgentState:
     """One Adam step of the critic and the policy, then a Polyak step of the target critic."""
     updates, opt_state = agent.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    target_critic_params = optax.incremental_update(params["critic"], state.target_critic_params, agent.tau)
+    target_critic_params = optax.incremental_update(params["critic"], state.target_critic_params, agent.args.tau)
     return state.replace(params=params, target_critic_params=target_critic_params, opt_state=opt_state)
 
 
@@ -671,13 +581,13 @@ def offline_updates(agent: SACFlow, state: AgentState, buffer: dict, buffer_size
     def body(carry, step_key):
         state, finite_so_far = carry
         batch_key, bc_key, sac_key = jax.random.split(step_key, 3)
-        batch = sample_chunk_batch(buffer, buffer_size, batch_key, agent.batch_size, agent.horizon_length)
+        batch = sample_chunk_batch(buffer, buffer_size, batch_key, agent.args.batch_size, agent.args.horizon_length)
         metrics = {}
         new_state = state
         if phase in ("bc", "interleaved"):
             new_state, metrics = bc_update(agent, new_state, batch, bc_key)
         if phase in ("sac", "interleaved"):
-            new_state, sac_metrics = sac_update(agent, new_state, batch, sac_key, agent.offline_beta)
+            new_state, sac_metrics = sac_update(agent, new_state, batch, sac_key, agent.args.alpha)
             metrics = {**metrics, **sac_metrics}
         state = jax.tree.map(lambda new, old: jnp.where(finite_so_far, new, old), new_state, state)
         finite = finite_so_far & is_finite(metrics, new_state)
@@ -698,53 +608,13 @@ def online_step(agent: SACFlow, state: AgentState, buffer: dict, position, trans
     Also returns the divergence check of the update."""
     batch_key, update_key, act_key = jax.random.split(key, 3)
     buffer = add_transition(buffer, position, transition)
-    batch = sample_chunk_batch(buffer, position + 1, batch_key, agent.batch_size, agent.horizon_length)
+    batch = sample_chunk_batch(buffer, position + 1, batch_key, agent.args.batch_size, agent.args.horizon_length)
     state, metrics = sac_update(agent, state, batch, update_key, agent.online_beta)
     chunk = acting_chunks(agent, state.params, observation[None], act_key)[0]
     # A policy whose parameters are still finite can already propose a non-finite chunk: that counts as divergence
     # too, so that the chunk never reaches the environment.
     finite = is_finite(metrics, state) & jnp.all(jnp.isfinite(chunk))
     return state, buffer, metrics, finite, chunk
-
-
-def evaluate(env: gym.Env, act, params: dict, key, num_episodes: int, horizon_length: int, action_dim: int):
-    """Mean success (OGBench's info['success'] at the episode's end) and mean return; chunks run open-loop.
-    The key also seeds the environment, so the result depends only on the parameters and the key."""
-    seed_key, key = jax.random.split(key)
-    seed = int(jax.random.randint(seed_key, (), 0, 2**31 - 1))
-    successes, returns = [], []
-    for episode in range(num_episodes):
-        observation, _ = env.reset(seed=seed if episode == 0 else None)
-        episode_return, done, queue = 0.0, False, []
-        while not done:
-            if not queue:
-                key, act_key = jax.random.split(key)
-                chunk = np.asarray(act(params, np.asarray(observation, np.float32)[None], act_key)[0])
-                queue = list(chunk.reshape(horizon_length, action_dim))
-            observation, reward, terminated, truncated, info = env.step(queue.pop(0))
-            episode_return += float(reward)
-            done = terminated or truncated
-        successes.append(float(info["success"]))
-        returns.append(episode_return)
-    return float(np.mean(successes)), float(np.mean(returns))
-
-
-def restore_agent(checkpoint: dict, state: AgentState, buffer: dict, dataset_size: int, episode_continues: bool):
-    """The agent state, RNG key and replay buffer of a checkpoint, restored into the freshly built `state` and `buffer`
-    (whose first dataset_size rows hold the reloaded dataset; the saved online transitions go after them).
-    `episode_continues`: the environment was restored, so the saved online episode goes on after the cut."""
-    online_rows = int(checkpoint["online_step"])
-    online_replay = {name: np.zeros((online_rows, *column.shape[1:]), column.dtype) for name, column in buffer.items()}
-    target = {"state": state, "rng_key": jax.random.key_data(jax.random.key(0)), "online_replay": online_replay}
-    restored = run_utils.restore_state(target, checkpoint["agent"], "the checkpoint")
-    buffer = {
-        name: column.at[dataset_size : dataset_size + online_rows].set(restored["online_replay"][name])
-        for name, column in buffer.items()
-    }
-    if online_rows > 0 and not episode_continues:
-        # The resumed run starts a new episode: the saved one ends here, so no chunk runs across the cut.
-        buffer["terminals"] = buffer["terminals"].at[dataset_size + online_rows - 1].set(1.0)
-    return restored["state"], jax.random.wrap_key_data(restored["rng_key"]), buffer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -768,38 +638,11 @@ def check_args(args: Args):
 def main():
     args, checkpoint = run_utils.parse_args(Args, SCRIPT)
     check_args(args)
-    env_id, dataset_name = split_ogbench_name(args.env_name)
-    if env_id not in gym.envs.registry:
-        raise SystemExit(f"error: unknown OGBench environment {env_id} (from --env-name {args.env_name})")
-    start_offline, start_online = (
-        (0, 0) if checkpoint is None else (checkpoint["offline_step"], checkpoint["online_step"])
+    start_offline, start_online = run_utils.offline_start(args, checkpoint)
+    min_size = max(args.batch_size, args.horizon_length)
+    env, eval_env, dataset, dataset_path = run_utils.make_ogbench_task(
+        args.env_name, args.dataset_dir, args.max_episode_steps, min_size
     )
-    # The online phase cannot start again: once it has begun, the offline step count is fixed.
-    if (
-        start_offline > args.offline_steps
-        or start_online > args.online_steps
-        or (start_online > 0 and start_offline != args.offline_steps)
-    ):
-        raise SystemExit(
-            f"error: the checkpoint of {args.resume} is at offline step {start_offline}, online step {start_online}: "
-            f"it cannot continue with --offline-steps {args.offline_steps} --online-steps {args.online_steps}"
-        )
-    dataset_dir = os.path.expanduser(args.dataset_dir if args.dataset_dir is not None else "~/.ogbench/data")
-    dataset_path = os.path.join(dataset_dir, f"{dataset_name}.npz")
-    make_it = f"python offline_to_online/make_dataset.py --env-name {dataset_name} --dataset-dir {dataset_dir}"
-    if not os.path.isfile(dataset_path):
-        raise SystemExit(f"error: dataset file {dataset_path} not found; make it with: {make_it}")
-
-    # This script never renders: without a GL setting, MuJoCo (imported by gym.make) looks for an X display and
-    # warns on headless machines. OGBench declares float64 observation bounds; gymnasium's cast warning is harmless.
-    os.environ.setdefault("MUJOCO_GL", "disable")
-    warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
-    env_kwargs = {} if args.max_episode_steps is None else {"max_episode_steps": args.max_episode_steps}
-    # Without the environment checker, which only builds the MuJoCo model once more (about a second each).
-    env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
-    eval_env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
-    if not (np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)):
-        raise SystemExit(f"error: {env_id} has action bounds other than [-1, 1], which the tanh squash assumes")
     action_dim = env.action_space.shape[0]
     chunk_dim = args.horizon_length * action_dim
     sigma_bound = args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX)
@@ -810,13 +653,7 @@ def main():
             f"largest entropy the policy can reach, {largest_entropy:.1f} for h*d = {chunk_dim}, K = {args.flow_steps} "
             "and its sigma bound: alpha would grow without bound"
         )
-    dataset = load_ogbench_dataset(dataset_path, env_id, env, make_it)
     dataset_size = len(dataset["observations"])
-    if dataset_size < max(args.batch_size, args.horizon_length):
-        raise SystemExit(
-            f"error: dataset {dataset_path} has {dataset_size} transitions, fewer than --batch-size {args.batch_size} "
-            f"or --horizon-length {args.horizon_length}"
-        )
 
     agent, state = make_agent(args, env.observation_space.shape[0], action_dim)
     buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
@@ -828,7 +665,9 @@ def main():
         # An online episode goes on where it stopped when the checkpoint holds its environment (OGBench's tasks).
         env.reset(seed=args.seed + start_online)
         online_loop = run_utils.restore_ogbench_state(env, checkpoint.get("environment", {}))
-        state, key, buffer = restore_agent(checkpoint, state, buffer, dataset_size, online_loop is not None)
+        state, key, buffer = run_utils.restore_offline_agent(
+            checkpoint, state, buffer, dataset_size, online_loop is not None
+        )
         last_checkpoint_step = int(checkpoint["step"])
         del checkpoint
     print(f"run {os.path.basename(run_dir)}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}")
@@ -848,7 +687,7 @@ def main():
         if args.eval_episodes == 0:
             return
         eval_start = time.time()
-        success, episodic_return = evaluate(
+        success, episodic_return = run_utils.evaluate_ogbench(
             eval_env, eval_act, state.params, jax.random.fold_in(eval_key, step), args.eval_episodes,
             args.horizon_length, action_dim,
         )  # fmt: skip
@@ -935,7 +774,7 @@ def main():
     else:
         observation, queue, episode_return, episode_length = online_loop
     position = dataset_size + start_online
-    metrics, latest_success = None, float("nan")
+    metrics, latest_success = {}, float("nan")
     unchecked = []  # (global step, divergence check, metrics) of the updates whose check the host has not read yet
     progress.phase("online", args.offline_steps + start_online, total_steps)
     for online_step_index in range(start_online + 1, args.online_steps + 1):
@@ -991,10 +830,8 @@ def main():
         if not queue:
             queue = list(np.asarray(chunk).reshape(args.horizon_length, action_dim))
         if log_now:
-            logger.log(
-                global_step, {**(metrics if metrics is not None else {}), "charts/SPS": progress.rate(global_step)}
-            )
-        alpha = f", alpha {float(metrics['losses/alpha']):.4g}" if metrics is not None and log_now else ""
+            logger.log(global_step, {**metrics, "charts/SPS": progress.rate(global_step)})
+        alpha = f", alpha {float(metrics['losses/alpha']):.4g}" if metrics and log_now else ""
         progress.report(global_step, f"latest success {latest_success}{alpha}", force=log_now)
         if eval_now:
             run_evaluation(global_step)
@@ -1005,11 +842,7 @@ def main():
             stop_if_asked(args.offline_steps, online_step_index, environment)
 
     if args.save_model:
-        model = {
-            "params": state.params,
-            "target_critic_params": state.target_critic_params,
-            "log_alpha": state.log_alpha,
-        }
+        model = dict(params=state.params, target_critic_params=state.target_critic_params, log_alpha=state.log_alpha)
         run_utils.save_model(run_dir, args.exp_name, model)
     env.close()
     eval_env.close()

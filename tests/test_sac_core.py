@@ -278,7 +278,7 @@ def test_random_phase_blocks_store_what_one_call_per_step_stores(script):
     for transition in transitions:
         one_by_one, _ = functions.add_transition(one_by_one, *transition)
     pending = list(transitions)
-    in_blocks = module.store_transitions(new_agents(), pending, functions, block=40)  # 3 blocks, then 30 single
+    in_blocks = module.run_utils.store_transitions(new_agents(), pending, functions, block=40)  # 3 blocks, 30 single
     assert pending == []
     assert functions.add_transitions._cache_size() == 1
     for expected, agent in zip(one_by_one, in_blocks):
