@@ -25,7 +25,7 @@ and the runs (<out>/runs/<run_name>) with each run's console output (<out>/<vari
 Examples (2 shared CPU cores; the time is mostly the training):
     python bench/grad_norms.py --quick --out gn                        # Hopper-v4, 800 steps each, ~5 minutes
     python bench/grad_norms.py --quick --flow-steps 4 7 10 --out gn_k  # the K sweep, about three times as long
-    # the README's figure: Hopper-v4, 2000 steps each, ~13 minutes
+    # docs/gradients.md's figure: Hopper-v4, 2000 steps each, ~13 minutes
     python bench/grad_norms.py --steps 2000 --batch-size 64 --learning-starts 250 --log-every 25 --out gn_long
 """
 

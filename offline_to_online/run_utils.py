@@ -295,10 +295,10 @@ def evaluate_ogbench(env: gym.Env, act, params: dict, key, num_episodes: int, ho
 # OGBench tasks and datasets (offline_to_online/)
 
 
-def make_ogbench_task(env_name: str, dataset_dir: str | None, max_episode_steps: int | None, min_size: int):
-    """The environment, a second one for evaluation, the dataset (relabelled for the task) and its path, for an OGBench
-    single-task name; one line for an unknown name, a missing, damaged or too small dataset (naming the command that
-    makes it), or action bounds other than [-1, 1]."""
+def make_ogbench_envs(env_name: str, dataset_dir: str | None, max_episode_steps: int | None):
+    """The environment of an OGBench single-task name, a second one for evaluation, and the path of its dataset; one
+    line for an unknown name, a missing dataset (naming the command that makes it) or action bounds other than
+    [-1, 1]."""
     import ogbench  # noqa: F401  (registers the OGBench environments with gymnasium; only offline_to_online/ needs it)
 
     env_id, dataset_name = split_ogbench_name(env_name)
@@ -306,9 +306,10 @@ def make_ogbench_task(env_name: str, dataset_dir: str | None, max_episode_steps:
         raise SystemExit(f"error: unknown OGBench environment {env_id} (from --env-name {env_name})")
     dataset_dir = os.path.expanduser(dataset_dir if dataset_dir is not None else "~/.ogbench/data")
     dataset_path = os.path.join(dataset_dir, f"{dataset_name}.npz")
-    make_it = f"python offline_to_online/make_dataset.py --env-name {dataset_name} --dataset-dir {dataset_dir}"
     if not os.path.isfile(dataset_path):
-        raise SystemExit(f"error: dataset file {dataset_path} not found; make it with: {make_it}")
+        raise SystemExit(
+            f"error: dataset file {dataset_path} not found; make it with: {make_dataset_command(dataset_path)}"
+        )
     # The offline scripts never render: without a GL setting, MuJoCo (imported by gym.make) looks for an X display and
     # warns on headless machines. OGBench declares float64 observation bounds; gymnasium's cast warning is harmless.
     os.environ.setdefault("MUJOCO_GL", "disable")
@@ -319,13 +320,12 @@ def make_ogbench_task(env_name: str, dataset_dir: str | None, max_episode_steps:
     eval_env = gym.make(env_id, disable_env_checker=True, **env_kwargs)
     if not (np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)):
         raise SystemExit(f"error: {env_id} has action bounds other than [-1, 1], which the tanh squash assumes")
-    dataset = load_ogbench_dataset(dataset_path, env_id, env, make_it)
-    if len(dataset["observations"]) < min_size:
-        raise SystemExit(
-            f"error: dataset {dataset_path} has {len(dataset['observations'])} transitions, fewer than the batch size "
-            f"or the chunk length ({min_size})"
-        )
-    return env, eval_env, dataset, dataset_path
+    return env, eval_env, dataset_path
+
+
+def make_dataset_command(dataset_path: str) -> str:
+    dataset_name = os.path.basename(dataset_path)[: -len(".npz")]
+    return f"python offline_to_online/make_dataset.py --env-name {dataset_name} --dataset-dir {os.path.dirname(dataset_path)}"
 
 
 def offline_start(args, checkpoint: dict | None) -> tuple[int, int]:
@@ -372,9 +372,11 @@ def split_ogbench_name(name: str) -> tuple[str, str]:
     return "-".join(parts[: pos - 1] + parts[pos:]), "-".join(parts[:pos] + parts[-1:])
 
 
-def load_ogbench_dataset(path: str, env_id: str, env: gym.Env, make_it: str) -> dict:
+def load_ogbench_dataset(env: gym.Env, path: str, min_size: int) -> dict:
     """Loads <dataset>.npz as OGBench does (transitions with next_observations, rewards and masks relabelled from
-    qpos for the env's task) and checks it fits the env; a bad file ends the run with one line naming `make_it`."""
+    qpos for the env's task) and checks it fits the env and has min_size transitions or more; a bad file ends the
+    run with one line naming the command that makes it."""
+    env_id, make_it = env.spec.id, make_dataset_command(path)
     from ogbench.utils import load_dataset
 
     try:
@@ -400,6 +402,11 @@ def load_ogbench_dataset(path: str, env_id: str, env: gym.Env, make_it: str) -> 
             )
     from ogbench.relabel_utils import relabel_dataset  # only offline_to_online/ needs OGBench
 
+    if len(dataset["observations"]) < min_size:
+        raise SystemExit(
+            f"error: dataset {path} has {len(dataset['observations'])} transitions, fewer than the batch size or the "
+            f"chunk length ({min_size})"
+        )
     relabel_dataset(env_id, env, dataset)  # rewards = #solved - #subtasks, masks = 0 once all are solved
     return dataset
 

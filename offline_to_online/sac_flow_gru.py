@@ -63,9 +63,9 @@ import run_utils  # run plumbing (run directory, metrics.csv, wandb, checkpoints
 @dataclass
 class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, --resume, ...) are in run_utils.py
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment"""
+    """the name of this experiment (part of the run name)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment (networks, noise, environment)"""
     env_name: str = "cube-triple-play-singletask-task4-v0"
     """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0)"""
     dataset_dir: str | None = None
@@ -639,10 +639,7 @@ def main():
     args, checkpoint = run_utils.parse_args(Args, SCRIPT)
     check_args(args)
     start_offline, start_online = run_utils.offline_start(args, checkpoint)
-    min_size = max(args.batch_size, args.horizon_length)
-    env, eval_env, dataset, dataset_path = run_utils.make_ogbench_task(
-        args.env_name, args.dataset_dir, args.max_episode_steps, min_size
-    )
+    env, eval_env, dataset_path = run_utils.make_ogbench_envs(args.env_name, args.dataset_dir, args.max_episode_steps)
     action_dim = env.action_space.shape[0]
     chunk_dim = args.horizon_length * action_dim
     sigma_bound = args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX)
@@ -653,6 +650,7 @@ def main():
             f"largest entropy the policy can reach, {largest_entropy:.1f} for h*d = {chunk_dim}, K = {args.flow_steps} "
             "and its sigma bound: alpha would grow without bound"
         )
+    dataset = run_utils.load_ogbench_dataset(env, dataset_path, min_size=max(args.batch_size, args.horizon_length))
     dataset_size = len(dataset["observations"])
 
     agent, state = make_agent(args, env.observation_space.shape[0], action_dim)
