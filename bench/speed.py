@@ -73,6 +73,7 @@ OBS_DIM, ACTION_DIM = 11, 3  # Hopper-v4
 FILLED = 100_000
 RANDOM_PHASE_ENV = "Humanoid-v4"  # 376-number observations: where a per-step buffer write cost the most
 SMALL_CONFIG = {"critic_hidden": 256, "batch_size": 256}  # the sizes people use on a CPU
+sys.path.insert(0, str(REPO / "from_scratch"))  # the scripts import their folder's run_utils.py, as when they run
 
 
 def load_script(name: str, folder: Path = REPO / "from_scratch", module_name: str | None = None):
