@@ -348,7 +348,7 @@ def restore_offline_agent(checkpoint: dict, state, buffer: dict, dataset_size: i
     `episode_continues`: the environment was restored, so the saved online episode goes on after the cut."""
     online_rows = int(checkpoint["online_step"])
     online_replay = {name: np.zeros((online_rows, *column.shape[1:]), column.dtype) for name, column in buffer.items()}
-    target = {"state": state, "rng_key": jax.random.key_data(jax.random.key(0)), "online_replay": online_replay}
+    target = {"state": state, "rng_key": jax.random.PRNGKey(0), "online_replay": online_replay}
     restored = restore_state(target, checkpoint["agent"], "the checkpoint")
     buffer = {
         name: column.at[dataset_size : dataset_size + online_rows].set(restored["online_replay"][name])
@@ -357,7 +357,7 @@ def restore_offline_agent(checkpoint: dict, state, buffer: dict, dataset_size: i
     if online_rows > 0 and not episode_continues:
         # The resumed run starts a new episode: the saved one ends here, so no chunk runs across the cut.
         buffer["terminals"] = buffer["terminals"].at[dataset_size + online_rows - 1].set(1.0)
-    return restored["state"], jax.random.wrap_key_data(restored["rng_key"]), buffer
+    return restored["state"], restored["rng_key"], buffer
 
 
 def split_ogbench_name(name: str) -> tuple[str, str]:

@@ -435,7 +435,7 @@ def make_agent(args: Args, obs_dim: int, action_dim: int) -> tuple[SACFlow, Agen
         target_entropy=target_entropy_of(args, chunk_dim),
         args=args,
     )
-    critic_key, policy_key = jax.random.split(jax.random.key(args.seed))
+    critic_key, policy_key = jax.random.split(jax.random.PRNGKey(args.seed))
     obs = jnp.zeros((1, obs_dim), jnp.float32)
     chunk = jnp.zeros((1, chunk_dim), jnp.float32)
     # Jitted: one compiled call each, where eager initialisation compiles hundreds of small operations (seconds).
@@ -656,7 +656,7 @@ def main():
     agent, state = make_agent(args, env.observation_space.shape[0], action_dim)
     buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
     del dataset
-    key = jax.random.key(args.seed)
+    key = jax.random.PRNGKey(args.seed)
     (run_dir,), (wandb_id,), (logger,), locks = run_utils.open_runs(args, args.env_name, [args.seed], checkpoint)
     online_loop, last_checkpoint_step = None, None
     if checkpoint is not None:
@@ -699,7 +699,7 @@ def main():
         run_utils.save_checkpoint(run_dir, {
             "script": SCRIPT, "step": offline_done + online_done, "offline_step": offline_done,
             "online_step": online_done, "wandb_id": wandb_id, "environment": environment,
-            "agent": {"state": state, "rng_key": jax.random.key_data(key), "online_replay": online_replay},
+            "agent": {"state": state, "rng_key": key, "online_replay": online_replay},
         })  # fmt: skip
         last_checkpoint_step = offline_done + online_done
 
