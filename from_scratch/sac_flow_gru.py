@@ -188,20 +188,59 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
 
 
+class SplitInputDense(nn.Module):
+    """nn.Dense over x = [s, A_k, φ(t_k)] (the same parameters, so the same initialisation), split by linearity:
+    W x + b = (W_s s + b) + W_a A_k + W_t φ(t_k). Called on s once per rollout, it returns (W_s s + b, W_a, W_t);
+    add_step_inputs completes W x + b at each flow step, with φ(t_k) one row for the whole batch."""
+
+    features: int
+    action_dim: int
+
+    @nn.compact
+    def __call__(self, state):
+        state_dim, time_dim = state.shape[-1], TimeEmbedding.dim
+        kernel_shape = (state_dim + self.action_dim + time_dim, self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape)  # nn.Dense's initialisers
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        state_kernel, action_kernel, time_kernel = jnp.split(kernel, [state_dim, state_dim + self.action_dim])
+        return state @ state_kernel + bias, action_kernel, time_kernel
+
+
+def add_step_inputs(state_term_and_kernels, action, time_features):
+    """W x + b from SplitInputDense's output: (W_s s + b) + W_a A_k + W_t φ(t_k)."""
+    state_term, action_kernel, time_kernel = state_term_and_kernels
+    return state_term + action @ action_kernel + time_features @ time_kernel
+
+
 class SwishMLP(nn.Module):
-    """(Dense → swish) × hidden_layers → Dense, the body of the gate and of the candidate network."""
+    """(Dense → swish) × hidden_layers → Dense over x = [s, A_k, φ(t_k)], the body of the gate and of the candidate
+    network; `state_term` computes its first layer's state term once per rollout."""
 
     hidden: int
     hidden_layers: int
-    features: int
+    action_dim: int
     output_kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     output_bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(self.hidden_layers):
-            x = nn.swish(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.features, kernel_init=self.output_kernel_init, bias_init=self.output_bias_init)(x)
+    def setup(self):
+        # Named as a compact MLP names its layers (Dense_0, Dense_1, ...): the same parameters and initialisation.
+        self.input_layer = SplitInputDense(self.hidden, self.action_dim, name="Dense_0")
+        self.later_hidden_layers = [nn.Dense(self.hidden, name=f"Dense_{i}") for i in range(1, self.hidden_layers)]
+        self.output_layer = nn.Dense(
+            self.action_dim,
+            kernel_init=self.output_kernel_init,
+            bias_init=self.output_bias_init,
+            name=f"Dense_{self.hidden_layers}",
+        )
+
+    def state_term(self, state):
+        return self.input_layer(state)
+
+    def __call__(self, state_term, action, time_features):
+        x = nn.swish(add_step_inputs(state_term, action, time_features))
+        for layer in self.later_hidden_layers:
+            x = nn.swish(layer(x))
+        return self.output_layer(x)
 
 
 GATE_BIAS_INIT = 5.0
@@ -225,16 +264,16 @@ class VelocityNet(nn.Module):
         )
         self.candidate_net = SwishMLP(self.hidden, self.hidden_layers, self.action_dim)
 
-    def gate(self, x):
-        return nn.sigmoid(self.gate_net(x))
+    def gate(self, state_context, action, time_features):
+        return nn.sigmoid(self.gate_net(state_context[0], action, time_features))
 
-    def __call__(self, state, action, time_features):
-        x = jnp.concatenate([state, action, time_features], axis=-1)
-        return self.gate(x) * (self.candidate_net(x) - action)
+    def __call__(self, state_context, action, time_features):
+        candidate = self.candidate_net(state_context[1], action, time_features)
+        return self.gate(state_context, action, time_features) * (candidate - action)
 
     def state_context(self, state):
-        """What the velocity computes from the state alone, once per rollout: here nothing, the state itself."""
-        return state
+        """What the velocity computes from the state alone, once per rollout: both first layers' state terms."""
+        return self.gate_net.state_term(state), self.candidate_net.state_term(state)
 
 
 # σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
@@ -279,8 +318,7 @@ class FlowPolicy(nn.Module):
             t = k * dt
             if action_perturbations is not None:
                 action = action + action_perturbations[k]
-            step_time = jnp.broadcast_to(time_features[k], (action.shape[0], time_features.shape[-1]))
-            velocity = self.velocity(state_context, action, step_time)
+            velocity = self.velocity(state_context, action, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
             step_std = sigma * math.sqrt(dt)

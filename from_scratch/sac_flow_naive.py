@@ -182,22 +182,50 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
 
 
+class SplitInputDense(nn.Module):
+    """nn.Dense over x = [s, A_k, φ(t_k)] (the same parameters, so the same initialisation), split by linearity:
+    W x + b = (W_s s + b) + W_a A_k + W_t φ(t_k). Called on s once per rollout, it returns (W_s s + b, W_a, W_t);
+    add_step_inputs completes W x + b at each flow step, with φ(t_k) one row for the whole batch."""
+
+    features: int
+    action_dim: int
+
+    @nn.compact
+    def __call__(self, state):
+        state_dim, time_dim = state.shape[-1], TimeEmbedding.dim
+        kernel_shape = (state_dim + self.action_dim + time_dim, self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape)  # nn.Dense's initialisers
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        state_kernel, action_kernel, time_kernel = jnp.split(kernel, [state_dim, state_dim + self.action_dim])
+        return state @ state_kernel + bias, action_kernel, time_kernel
+
+
+def add_step_inputs(state_term_and_kernels, action, time_features):
+    """W x + b from SplitInputDense's output: (W_s s + b) + W_a A_k + W_t φ(t_k)."""
+    state_term, action_kernel, time_kernel = state_term_and_kernels
+    return state_term + action @ action_kernel + time_features @ time_kernel
+
+
 class VelocityNet(nn.Module):
     """Naive velocity: v = MLP([s, A_k, φ(t_k)]), two hidden layers, ReLU."""
 
     action_dim: int
     hidden: int
 
-    @nn.compact
-    def __call__(self, state, action, time_features):
-        x = jnp.concatenate([state, action, time_features], axis=-1)
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.action_dim)(x)
+    def setup(self):
+        # Named as a compact MLP names its layers: the same parameters and initialisation.
+        self.input_layer = SplitInputDense(self.hidden, self.action_dim, name="Dense_0")
+        self.hidden_layer = nn.Dense(self.hidden, name="Dense_1")
+        self.output_layer = nn.Dense(self.action_dim, name="Dense_2")
+
+    def __call__(self, state_context, action, time_features):
+        x = nn.relu(add_step_inputs(state_context, action, time_features))
+        x = nn.relu(self.hidden_layer(x))
+        return self.output_layer(x)
 
     def state_context(self, state):
-        """What the velocity computes from the state alone, once per rollout: here nothing, the state itself."""
-        return state
+        """What the velocity computes from the state alone, once per rollout: the first layer's state term."""
+        return self.input_layer(state)
 
 
 # σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
@@ -242,8 +270,7 @@ class FlowPolicy(nn.Module):
             t = k * dt
             if action_perturbations is not None:
                 action = action + action_perturbations[k]
-            step_time = jnp.broadcast_to(time_features[k], (action.shape[0], time_features.shape[-1]))
-            velocity = self.velocity(state_context, action, step_time)
+            velocity = self.velocity(state_context, action, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
             step_std = sigma * math.sqrt(dt)

@@ -251,6 +251,7 @@ class VelocityNet(nn.Module):
         return [block.keys_and_values(state_token) for block in self.blocks]
 
     def __call__(self, state_context, action, time_features):
+        time_features = jnp.broadcast_to(time_features, (*action.shape[:-1], time_features.shape[-1]))  # may be one row
         action_token = self.action_time_embedding(jnp.concatenate([action, time_features], axis=-1))
         for block, (keys, values) in zip(self.blocks, state_context):
             action_token = block(action_token, keys, values)
@@ -299,8 +300,7 @@ class FlowPolicy(nn.Module):
             t = k * dt
             if action_perturbations is not None:
                 action = action + action_perturbations[k]
-            step_time = jnp.broadcast_to(time_features[k], (action.shape[0], time_features.shape[-1]))
-            velocity = self.velocity(state_context, action, step_time)
+            velocity = self.velocity(state_context, action, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
             step_std = sigma * math.sqrt(dt)

@@ -290,20 +290,59 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
 
 
+class SplitInputDense(nn.Module):
+    """nn.Dense over h = [s, x, phi(t)] (the same parameters, so the same initialisation), split by linearity:
+    W h + b = (W_s s + b) + W_x x + W_t phi(t). Called on s once per rollout, it returns (W_s s + b, W_x, W_t);
+    add_step_inputs completes W h + b at each flow step, with phi(t_k) one row for the whole batch."""
+
+    features: int
+    chunk_dim: int
+
+    @nn.compact
+    def __call__(self, state):
+        state_dim, time_dim = state.shape[-1], TimeEmbedding.dim
+        kernel_shape = (state_dim + self.chunk_dim + time_dim, self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape)  # nn.Dense's initialisers
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        state_kernel, x_kernel, time_kernel = jnp.split(kernel, [state_dim, state_dim + self.chunk_dim])
+        return state @ state_kernel + bias, x_kernel, time_kernel
+
+
+def add_step_inputs(state_term_and_kernels, x, time_features):
+    """W h + b from SplitInputDense's output: (W_s s + b) + W_x x + W_t phi(t)."""
+    state_term, x_kernel, time_kernel = state_term_and_kernels
+    return state_term + x @ x_kernel + time_features @ time_kernel
+
+
 class SwishMLP(nn.Module):
-    """(Dense -> swish) × hidden_layers -> Dense, the body of the gate and of the candidate network."""
+    """(Dense -> swish) × hidden_layers -> Dense over h = [s, x, phi(t)], the body of the gate and of the candidate
+    network; `state_term` computes its first layer's state term once per rollout."""
 
     hidden: int
     hidden_layers: int
-    features: int
+    chunk_dim: int
     output_kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     output_bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
-    @nn.compact
-    def __call__(self, x):
-        for _ in range(self.hidden_layers):
-            x = nn.swish(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.features, kernel_init=self.output_kernel_init, bias_init=self.output_bias_init)(x)
+    def setup(self):
+        # Named as a compact MLP names its layers (Dense_0, Dense_1, ...): the same parameters and initialisation.
+        self.input_layer = SplitInputDense(self.hidden, self.chunk_dim, name="Dense_0")
+        self.later_hidden_layers = [nn.Dense(self.hidden, name=f"Dense_{i}") for i in range(1, self.hidden_layers)]
+        self.output_layer = nn.Dense(
+            self.chunk_dim,
+            kernel_init=self.output_kernel_init,
+            bias_init=self.output_bias_init,
+            name=f"Dense_{self.hidden_layers}",
+        )
+
+    def state_term(self, state):
+        return self.input_layer(state)
+
+    def __call__(self, state_term, x, time_features):
+        h = nn.swish(add_step_inputs(state_term, x, time_features))
+        for layer in self.later_hidden_layers:
+            h = nn.swish(layer(h))
+        return self.output_layer(h)
 
 
 GATE_BIAS_INIT = 5.0
@@ -327,13 +366,14 @@ class VelocityNet(nn.Module):
         )
         self.candidate_net = SwishMLP(self.hidden, self.hidden_layers, self.chunk_dim)
 
-    def __call__(self, state, x, time_features):
-        inputs = jnp.concatenate([state, x, time_features], axis=-1)
-        return nn.sigmoid(self.gate_net(inputs)) * (self.candidate_net(inputs) - x)
+    def __call__(self, state_context, x, time_features):
+        gate_term, candidate_term = state_context
+        gate = nn.sigmoid(self.gate_net(gate_term, x, time_features))
+        return gate * (self.candidate_net(candidate_term, x, time_features) - x)
 
     def state_context(self, state):
-        """What the velocity computes from the state alone, once per rollout: here nothing, the state itself."""
-        return state
+        """What the velocity computes from the state alone, once per rollout: both first layers' state terms."""
+        return self.gate_net.state_term(state), self.candidate_net.state_term(state)
 
 
 # σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
@@ -378,8 +418,7 @@ class FlowPolicy(nn.Module):
         path = [x]
         for k in range(self.flow_steps):
             t = k * dt
-            step_time = jnp.broadcast_to(time_features[k], (x.shape[0], time_features.shape[-1]))
-            velocity = self.velocity_net(state_context, x, step_time)
+            velocity = self.velocity_net(state_context, x, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * x
             step_std = sigma * math.sqrt(dt)

@@ -284,22 +284,50 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
 
 
+class SplitInputDense(nn.Module):
+    """nn.Dense over h = [s, x, phi(t)] (the same parameters, so the same initialisation), split by linearity:
+    W h + b = (W_s s + b) + W_x x + W_t phi(t). Called on s once per rollout, it returns (W_s s + b, W_x, W_t);
+    add_step_inputs completes W h + b at each flow step, with phi(t_k) one row for the whole batch."""
+
+    features: int
+    chunk_dim: int
+
+    @nn.compact
+    def __call__(self, state):
+        state_dim, time_dim = state.shape[-1], TimeEmbedding.dim
+        kernel_shape = (state_dim + self.chunk_dim + time_dim, self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape)  # nn.Dense's initialisers
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        state_kernel, x_kernel, time_kernel = jnp.split(kernel, [state_dim, state_dim + self.chunk_dim])
+        return state @ state_kernel + bias, x_kernel, time_kernel
+
+
+def add_step_inputs(state_term_and_kernels, x, time_features):
+    """W h + b from SplitInputDense's output: (W_s s + b) + W_x x + W_t phi(t)."""
+    state_term, x_kernel, time_kernel = state_term_and_kernels
+    return state_term + x @ x_kernel + time_features @ time_kernel
+
+
 class VelocityNet(nn.Module):
-    """Naive velocity: v = MLP([s, A_k, φ(t_k)]), two hidden layers, ReLU."""
+    """Naive velocity: v = MLP([s, x, phi(t)]), two hidden layers, ReLU."""
 
     chunk_dim: int
     hidden: int
 
-    @nn.compact
-    def __call__(self, state, x, time_features):
-        h = jnp.concatenate([state, x, time_features], axis=-1)
-        h = nn.relu(nn.Dense(self.hidden)(h))
-        h = nn.relu(nn.Dense(self.hidden)(h))
-        return nn.Dense(self.chunk_dim)(h)
+    def setup(self):
+        # Named as a compact MLP names its layers: the same parameters and initialisation.
+        self.input_layer = SplitInputDense(self.hidden, self.chunk_dim, name="Dense_0")
+        self.hidden_layer = nn.Dense(self.hidden, name="Dense_1")
+        self.output_layer = nn.Dense(self.chunk_dim, name="Dense_2")
+
+    def __call__(self, state_context, x, time_features):
+        h = nn.relu(add_step_inputs(state_context, x, time_features))
+        h = nn.relu(self.hidden_layer(h))
+        return self.output_layer(h)
 
     def state_context(self, state):
-        """What the velocity computes from the state alone, once per rollout: here nothing, the state itself."""
-        return state
+        """What the velocity computes from the state alone, once per rollout: the first layer's state term."""
+        return self.input_layer(state)
 
 
 # σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
@@ -344,8 +372,7 @@ class FlowPolicy(nn.Module):
         path = [x]
         for k in range(self.flow_steps):
             t = k * dt
-            step_time = jnp.broadcast_to(time_features[k], (x.shape[0], time_features.shape[-1]))
-            velocity = self.velocity_net(state_context, x, step_time)
+            velocity = self.velocity_net(state_context, x, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * x
             step_std = sigma * math.sqrt(dt)

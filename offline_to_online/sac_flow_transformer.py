@@ -351,6 +351,7 @@ class VelocityNet(nn.Module):
         return [block.keys_and_values(state_token) for block in self.blocks]
 
     def __call__(self, state_context, x, time_features):
+        time_features = jnp.broadcast_to(time_features, (*x.shape[:-1], time_features.shape[-1]))  # may be one row
         action_token = self.action_time_embedding(jnp.concatenate([x, time_features], axis=-1))
         for block, (keys, values) in zip(self.blocks, state_context):
             action_token = block(action_token, keys, values)
@@ -399,8 +400,7 @@ class FlowPolicy(nn.Module):
         path = [x]
         for k in range(self.flow_steps):
             t = k * dt
-            step_time = jnp.broadcast_to(time_features[k], (x.shape[0], time_features.shape[-1]))
-            velocity = self.velocity_net(state_context, x, step_time)
+            velocity = self.velocity_net(state_context, x, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * x
             step_std = sigma * math.sqrt(dt)

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from conftest import FROM_SCRATCH, OFFLINE_TO_ONLINE, load_script
 
+naive = load_script("sac_flow_naive")
 gru = load_script("sac_flow_gru")
 transformer = load_script("sac_flow_transformer")
+offline_naive = load_script("sac_flow_naive", OFFLINE_TO_ONLINE)
+offline_gru = load_script("sac_flow_gru", OFFLINE_TO_ONLINE)
 offline_transformer = load_script("sac_flow_transformer", OFFLINE_TO_ONLINE)
 
 OBS_DIM, ACTION_DIM, TIME_DIM, BATCH = 5, 3, 32, 6
@@ -59,6 +62,11 @@ def swish_mlp_np(p, x):
     return x @ p[layers[-1]]["kernel"] + p[layers[-1]]["bias"]
 
 
+def whole_velocity(net, state, action, time_features):
+    """One evaluation of v: the state's context, then the flow step (the rollout computes the context once)."""
+    return net(net.state_context(state), action, time_features)
+
+
 def test_flow_g_gate_starts_at_sigmoid_5():
     policy, _ = gru.make_networks(gru.Args(), ACTION_DIM)  # default sizes: one hidden layer of 512
     state, action, _ = random_inputs()
@@ -72,18 +80,23 @@ def test_flow_g_gate_starts_at_sigmoid_5():
     assert np.all(np.asarray(gate_output_layer["bias"]) == 5.0)
     # Read the gate of the bound module on inputs far from zero: it must not depend on them at initialisation.
     velocity = policy.bind(variables).velocity
-    x = np.random.default_rng(1).normal(size=(BATCH, OBS_DIM + ACTION_DIM + TIME_DIM)).astype(np.float32) * 10
-    gate = np.asarray(velocity.gate(x))
+    state, action, time_features = (10 * x for x in random_inputs(seed=1))
+    gate = np.asarray(velocity.gate(velocity.state_context(state), action, time_features))
     assert gate.shape == (BATCH, ACTION_DIM)
     np.testing.assert_allclose(gate, 1.0 / (1.0 + np.exp(-5.0)), rtol=1e-6)
 
 
+GRU_SCRIPTS = pytest.mark.parametrize("script", [gru, offline_gru], ids=["from_scratch", "offline_to_online"])
+
+
+@GRU_SCRIPTS
 @pytest.mark.parametrize("hidden_layers", [1, 2])  # 1: the released code's (default); 2: --velocity-hidden-layers 2
-def test_flow_g_velocity_is_gate_times_candidate_minus_action(hidden_layers):
-    net = gru.VelocityNet(ACTION_DIM, hidden=16, hidden_layers=hidden_layers)
+def test_flow_g_velocity_is_gate_times_candidate_minus_action(script, hidden_layers):
+    net = script.VelocityNet(ACTION_DIM, hidden=16, hidden_layers=hidden_layers)
     state, action, time_features = random_inputs()
-    params = perturbed(net.init(jax.random.PRNGKey(2), state, action, time_features)["params"], seed=3)
-    v = np.asarray(net.apply({"params": params}, state, action, time_features))
+    params = net.init(jax.random.PRNGKey(2), state, action, time_features, method=whole_velocity)["params"]
+    params = perturbed(params, seed=3)
+    v = np.asarray(net.apply({"params": params}, state, action, time_features, method=whole_velocity))
 
     p = to_numpy(params)
     assert len(p["gate_net"]) == len(p["candidate_net"]) == hidden_layers + 1
@@ -95,17 +108,95 @@ def test_flow_g_velocity_is_gate_times_candidate_minus_action(hidden_layers):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Naive and Flow-G: the first layer's state term computed once per rollout
+
+
+def relu_mlp_np(p, x):
+    """(Dense → ReLU) × 2, then the output Dense: the naive velocity on x = [s, A, φ(t)]."""
+    for layer in ("Dense_0", "Dense_1"):
+        x = np.maximum(x @ p[layer]["kernel"] + p[layer]["bias"], 0)
+    return x @ p["Dense_2"]["kernel"] + p["Dense_2"]["bias"]
+
+
+NAIVE_SCRIPTS = pytest.mark.parametrize("script", [naive, offline_naive], ids=["from_scratch", "offline_to_online"])
+
+
+@NAIVE_SCRIPTS
+def test_naive_velocity_matches_numpy_mlp(script):
+    net = script.VelocityNet(ACTION_DIM, 16)
+    state, action, time_features = random_inputs(seed=5)
+    params = net.init(jax.random.PRNGKey(6), state, action, time_features, method=whole_velocity)["params"]
+    params = perturbed(params, seed=7)
+    v = np.asarray(net.apply({"params": params}, state, action, time_features, method=whole_velocity))
+    x = np.concatenate([state, action, time_features], axis=1).astype(np.float64)
+    np.testing.assert_allclose(v, relu_mlp_np(to_numpy(params), x), rtol=1e-4, atol=1e-5)
+
+
+class ConcatenatedInputMLP(nn.Module):
+    """An MLP on jnp.concatenate([s, A, φ(t)]) with compact Dense layers, as the naive and Flow-G velocities were
+    written before their first layer was split: the split layers must create the same parameters from a key."""
+
+    hidden: int
+    hidden_layers: int
+    features: int
+
+    @nn.compact
+    def __call__(self, state, action, time_features):
+        x = jnp.concatenate([state, action, time_features], axis=-1)
+        for _ in range(self.hidden_layers):
+            x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.features)(x)
+
+
+def split_mlp(script, hidden_layers):
+    """The MLP of a script whose first layer is split: the naive velocity (two hidden layers) or Flow-G's SwishMLP."""
+    if script in (naive, offline_naive):
+        return script.VelocityNet(ACTION_DIM, 16), lambda net, s, a, t: net(net.state_context(s), a, t)
+    return script.SwishMLP(16, hidden_layers, ACTION_DIM), lambda mlp, s, a, t: mlp(mlp.state_term(s), a, t)
+
+
+@pytest.mark.parametrize(
+    "script, hidden_layers",
+    [(naive, 2), (offline_naive, 2), (gru, 1), (gru, 2), (offline_gru, 1), (offline_gru, 2)],
+    ids=["naive", "offline-naive", "gru-1", "gru-2", "offline-gru-1", "offline-gru-2"],
+)
+def test_split_first_layer_initialises_as_a_dense_on_the_concatenation(script, hidden_layers):
+    """Same key, same parameters (names, shapes, values) as the MLP on the concatenation: runs and checkpoints
+    made before the split start from, and load into, the same networks."""
+    state, action, time_features = random_inputs(seed=9)
+    key = jax.random.PRNGKey(10)
+    reference = ConcatenatedInputMLP(16, hidden_layers, ACTION_DIM).init(key, state, action, time_features)["params"]
+    net, method = split_mlp(script, hidden_layers)
+    params = net.init(key, state, action, time_features, method=method)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(reference)
+    for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.parametrize("script", [naive, gru, transformer, offline_naive, offline_gru, offline_transformer])
+def test_one_row_of_time_features_is_broadcast_over_the_batch(script):
+    """The rollout passes φ(t_k) as one row for the whole batch: the same velocity as the row repeated per state."""
+    sizes = {naive: (16,), gru: (16, 2), transformer: (D_MODEL, N_HEADS, N_LAYERS)}
+    sizes |= {offline_naive: sizes[naive], offline_gru: sizes[gru], offline_transformer: sizes[transformer]}
+    net = script.VelocityNet(ACTION_DIM, *sizes[script])
+    state, action, time_features = random_inputs(seed=11)
+    params = net.init(jax.random.PRNGKey(12), state, action, time_features, method=whole_velocity)["params"]
+    params = perturbed(params, seed=13)
+    one_row = time_features[:1]
+    repeated = np.repeat(one_row, BATCH, axis=0)
+    v_one_row = net.apply({"params": params}, state, action, one_row, method=whole_velocity)
+    v_repeated = net.apply({"params": params}, state, action, repeated, method=whole_velocity)
+    assert v_one_row.shape == (BATCH, ACTION_DIM)
+    np.testing.assert_allclose(np.asarray(v_one_row), np.asarray(v_repeated), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Flow-T
 
 D_MODEL, N_HEADS, N_LAYERS = 8, 2, 2
 FLOW_T_SCRIPTS = pytest.mark.parametrize(
     "script", [transformer, offline_transformer], ids=["from_scratch", "offline_to_online"]
 )
-
-
-def whole_velocity(net, state, action, time_features):
-    """One evaluation of v: the state's context, then the flow step (the rollout computes the context once)."""
-    return net(net.state_context(state), action, time_features)
 
 
 def make_transformer_velocity(seed: int = 4, script=transformer):
