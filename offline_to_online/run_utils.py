@@ -85,7 +85,7 @@ def parse_args(args_class: type, script: str):
 
 def check_args(args, positive: tuple, non_negative: tuple, problems: list):
     """One line for the first field out of its range, the first of the script's `problems` (condition, message),
-    --track without a wandb login, or --capture-video without moviepy."""
+    --track without a wandb login, or --capture-video without moviepy or a renderer."""
     for name in positive:
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -100,6 +100,7 @@ def check_args(args, positive: tuple, non_negative: tuple, problems: list):
             import moviepy  # noqa: F401  (gymnasium's RecordVideo writes with it)
         except ImportError:
             raise SystemExit("error: --capture-video needs moviepy: pip install -r requirements.txt")
+        check_renderer(args.env_id)
     if args.track and not wandb_login_available():
         raise SystemExit(
             "error: --track needs a wandb login: run `wandb login`, set WANDB_API_KEY, or set WANDB_MODE=offline"
@@ -478,9 +479,28 @@ def save_model(run_dir: str, exp_name: str, model: dict):
     print(f"model saved to {path}")
 
 
+def check_renderer(env_id: str):
+    """Renders one frame of env_id for --capture-video, before any run directory exists: one line now rather than a
+    failure at the first evaluation after hours of training (an unknown id is make_gym_env's to report)."""
+    try:
+        env = gym.make(env_id, render_mode="rgb_array")
+    except gym.error.Error:
+        return
+    try:
+        env.reset(seed=0)
+        env.render()
+    except Exception as error:  # noqa: BLE001  (whatever the renderer's failure, one line)
+        raise SystemExit(
+            f"error: --capture-video cannot render ({str(error).splitlines()[0]}); "
+            "set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU), see setup.md"
+        )
+    finally:
+        env.close()
+
+
 def make_gym_env(env_id: str, seed: int, video_dir: str | None = None, video_every: int = 1) -> gym.Env:
-    """A gymnasium environment with episode statistics (and video); one line for an id it cannot make, a discrete or
-    unbounded action space, or video without a renderer."""
+    """A gymnasium environment with episode statistics (and video: check_renderer has rendered a frame); one line for
+    an id it cannot make or a discrete or unbounded action space."""
     try:
         env = gym.make(env_id, render_mode="rgb_array" if video_dir else None)
     except gym.error.Error as error:
@@ -494,13 +514,6 @@ def make_gym_env(env_id: str, seed: int, video_dir: str | None = None, video_eve
     env.reset(seed=seed)  # seeds the environment; later resets continue its random stream
     env.action_space.seed(seed)
     if video_dir:
-        try:  # render once now, rather than fail at the first evaluation after hours of training
-            env.render()
-        except Exception as error:  # noqa: BLE001  (whatever the renderer's failure, one line)
-            raise SystemExit(
-                f"error: --capture-video cannot render ({str(error).splitlines()[0]}); "
-                "set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU), see setup.md"
-            )
         env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=lambda episode: episode % video_every == 0)
     return gym.wrappers.RecordEpisodeStatistics(env)
 

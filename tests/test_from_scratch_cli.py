@@ -127,6 +127,18 @@ def test_bad_input_from_the_shell_is_one_line_and_exit_status_1(script, tmp_path
     assert last_line.startswith("error:") and "NoSuchEnv-v9" in last_line, result.stderr[-2000:]
 
 
+def test_video_without_a_renderer_is_one_line_before_anything_is_written(tmp_path):
+    """GLFW with no display cannot render: --capture-video stops before a run directory is made, not at the first
+    evaluation (nor after leaving an empty run behind)."""
+    no_display = {"MUJOCO_GL": "glfw", "DISPLAY": "", "WAYLAND_DISPLAY": ""}
+    result = run_script(
+        FROM_SCRATCH / "sac.py", "--env-id", "Hopper-v4", "--capture-video", cwd=tmp_path, env=no_display
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --capture-video cannot render"), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("env_id", ["Hopper-v4", "Hopper-v5", "Humanoid-v4", "Humanoid-v5"])
 def test_gymnasium_v4_and_v5_mujoco_ids_work(env_id):
     """The paper's -v4 tasks and the current -v5 ones both build and step with the pinned mujoco."""
