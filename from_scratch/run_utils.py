@@ -490,12 +490,12 @@ def check_renderer(env_id: str):
         env.reset(seed=0)
         env.render()
     except Exception as error:  # noqa: BLE001  (whatever the renderer's failure, one line)
+        # Not closed: closing a renderer that failed can raise in turn, and the run stops here anyway.
         raise SystemExit(
             f"error: --capture-video cannot render ({str(error).splitlines()[0]}); "
             "set MUJOCO_GL=egl (GPU) or MUJOCO_GL=osmesa (CPU), see setup.md"
         )
-    finally:
-        env.close()
+    env.close()
 
 
 def make_gym_env(env_id: str, seed: int, video_dir: str | None = None, video_every: int = 1) -> gym.Env:

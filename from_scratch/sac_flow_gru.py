@@ -265,10 +265,12 @@ class VelocityNet(nn.Module):
         self.candidate_net = SwishMLP(self.hidden, self.hidden_layers, self.action_dim)
 
     def gate(self, state_context, action, time_features):
-        return nn.sigmoid(self.gate_net(state_context[0], action, time_features))
+        gate_term, _ = state_context
+        return nn.sigmoid(self.gate_net(gate_term, action, time_features))
 
     def __call__(self, state_context, action, time_features):
-        candidate = self.candidate_net(state_context[1], action, time_features)
+        _, candidate_term = state_context
+        candidate = self.candidate_net(candidate_term, action, time_features)
         return self.gate(state_context, action, time_features) * (candidate - action)
 
     def state_context(self, state):
