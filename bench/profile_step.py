@@ -7,8 +7,10 @@ defaults but for the sizes given) under the profiler for --cycles whole actor cy
 them with the actor update), after a warm-up, and prints:
 
 - wall ms/call, the summed (self) time of the XLA operations XLA's CPU runtime executed per call, and their ratio:
-  how many cores were busy on average (the operations of one call run on a pool of threads, concurrently only
-  where they do not depend on each other);
+  how many operations ran at once on average (those of one call run on a pool of threads, concurrently only where
+  they do not depend on each other). It is not the cores busy: an operation that splits its own work across
+  threads (a large matmul) is one event, timed once. What a second core gives shows in the wall time of a run
+  pinned to one core (`taskset -c 0 python bench/profile_step.py ...`) against an unpinned one;
 - that time per kind of operation (the operation's name without its number: fusions, dots, copies, loops);
 - the --top matmuls (a dot, alone or fused with elementwise work) by time, grouped by their shapes, each with its
   rate in GFLOP/s, next to the dense matmul rate of bench/speed.py (1024 × 1024 × 1024, all cores).
@@ -130,8 +132,9 @@ def main(argv: list[str] | None = None):
     operations_s = sum(times.values()) / 1e9 / calls  # per call, summed over the threads that ran them
     print(f"{options.script}, critic {options.critic_hidden}, batch {options.batch_size}, {calls} calls profiled")
     print(f"wall {wall * 1e3:.2f} ms/call; XLA operations {operations_s * 1e3:.2f} ms/call summed over threads "
-          f"({sum(counts.values()) / calls:.0f} per call): {operations_s / wall:.2f} cores busy on average")  # fmt: skip
-    print(f"dense matmul rate, 1024 x 1024 x 1024 on all cores: {speed.matmul_gflops(seconds=1.0):.1f} GFLOP/s\n")
+          f"({sum(counts.values()) / calls:.0f} per call): {operations_s / wall:.2f} at once on average")  # fmt: skip
+    rate = speed.matmul_gflops(seconds=1.0)
+    print(f"dense matmul rate, 1024 x 1024 x 1024 on the cores this process may use: {rate:.1f} GFLOP/s\n")
 
     kinds, kind_counts = collections.Counter(), collections.Counter()
     for name, ns in times.items():

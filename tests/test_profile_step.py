@@ -52,7 +52,7 @@ def test_profile_of_a_small_train_step_from_the_shell():
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "sac, critic 16, batch 16, 3 calls profiled"
-    busy = re.search(r"XLA operations ([\d.]+) ms/call .*: ([\d.]+) cores busy", lines[1])
-    assert busy and float(busy.group(1)) > 0 and float(busy.group(2)) > 0
+    at_once = re.search(r"XLA operations ([\d.]+) ms/call .*: ([\d.]+) at once on average", lines[1])
+    assert at_once and float(at_once.group(1)) > 0 and float(at_once.group(2)) > 0
     matmul_rows = lines[lines.index(" ms/call  per call  µs each  GFLOP/s  shapes") + 1 :]
     assert len(matmul_rows) == 2 and all(" x " in row and " -> " in row for row in matmul_rows)
