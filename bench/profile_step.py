@@ -13,7 +13,7 @@ them with the actor update), after a warm-up, and prints:
   pinned to one core (`taskset -c 0 python bench/profile_step.py ...`) against an unpinned one;
 - that time per kind of operation (the operation's name without its number: fusions, dots, copies, loops);
 - the --top matmuls (a dot, alone or fused with elementwise work) by time, grouped by their shapes, each with its
-  rate in GFLOP/s, next to the dense matmul rate of bench/speed.py (1024 × 1024 × 1024, all cores).
+  rate in GFLOP/s, next to the dense matmul rate of bench/speed.py (1024 × 1024 × 1024, on the cores it may use).
 
 Tracing adds its own cost to every operation: for updates/s, use bench/speed.py.
 XLA's CPU backend only reports its operations with --xla_cpu_enable_xprof_traceme, which this script adds to
@@ -138,8 +138,9 @@ def main(argv: list[str] | None = None):
 
     kinds, kind_counts = collections.Counter(), collections.Counter()
     for name, ns in times.items():
-        kinds[re.sub(r"\.\d+$", "", name)] += ns
-        kind_counts[re.sub(r"\.\d+$", "", name)] += counts[name]
+        kind = re.sub(r"\.\d+$", "", name)
+        kinds[kind] += ns
+        kind_counts[kind] += counts[name]
     print("kind of operation         ms/call  per call  µs each")
     for kind, ns in kinds.most_common(12):
         number = kind_counts[kind] / calls
