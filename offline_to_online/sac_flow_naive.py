@@ -83,9 +83,11 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
     eval_episodes: int = 50
     """episodes per evaluation (0: no evaluation)"""
     log_every: int = 5000
-    """steps between logged losses and speed"""
+    """steps between logged losses and speed (offline: the mean over the updates since the last log; online: the
+    latest update's)"""
     offline_scan_length: int = 1000
-    """offline updates per block of random keys (cut short at a log, eval, checkpoint or phase change)"""
+    """offline updates per block, the steps at which a stop signal is answered (jitted calls of up to 100 updates,
+    cut short at a log, eval, checkpoint or phase change; it does not change the run's results)"""
     bc_fraction: float = 0.5
     """share of the offline steps that are flow-matching BC (+ TD) only; the rest are action-regularised SAC"""
     interleave_offline_updates: bool = False
@@ -712,11 +714,13 @@ def main():
         groups.update({"target critic parameters": state.target_critic_params, "log alpha": state.log_alpha})
         run_utils.stop_on_divergence(run_dir, step, metrics, groups, last_checkpoint_step)
 
-    # Offline phase: blocks of updates (the keys of a block: split(fold_in(offline_key, first step), block length)),
-    # each run as jitted scans over batches sampled on the device; the first bc_steps are BC, the rest
-    # action-regularised SAC (or both on every step with --interleave-offline-updates).
+    # Offline phase: blocks of updates, each run as jitted scans over batches sampled on the device; the first
+    # bc_steps are BC, the rest action-regularised SAC (or both on every step with --interleave-offline-updates).
+    # Update n's key is fold_in(offline_key, n): where logs, evaluations and checkpoints cut the blocks does not
+    # change the run. The losses logged are the mean over every update since the previous log (or phase change).
     bc_steps = 0 if args.interleave_offline_updates else round(args.bc_fraction * args.offline_steps)
     step = start_offline
+    metrics_since_log = []  # a resumed run's first log averages the updates since its start
     while step < args.offline_steps:
         next_stop = min(
             args.offline_steps,
@@ -729,24 +733,25 @@ def main():
         if step == start_offline or step == bc_steps:
             phase_end = bc_steps if phase == "bc" else args.offline_steps
             progress.phase(f"offline {phase}", step, phase_end, unit="updates/s")
-        block_keys = jax.random.split(
-            jax.random.fold_in(offline_key, step), min(args.offline_scan_length, next_stop - step)
-        )
-        block_metrics = []
+        block_length = min(args.offline_scan_length, next_stop - step)
+        block_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(offline_key, jnp.arange(step, step + block_length))
         for start in range(0, len(block_keys), PROGRESS_UPDATES):
             keys = block_keys[start : start + PROGRESS_UPDATES]
             state, metrics, finite_updates = offline_block(state, buffer, np.int32(dataset_size), keys, phase=phase)
-            block_metrics.append(metrics)
+            metrics_since_log.append(metrics)
             if int(finite_updates) < len(keys):
-                failed = {name: values[int(finite_updates)] for name, values in block_metrics[-1].items()}
+                failed = {name: values[int(finite_updates)] for name, values in metrics_since_log[-1].items()}
                 stop_on_divergence(step + start + int(finite_updates) + 1, failed)
-            qf_loss = float(block_metrics[-1]["losses/qf_loss"][-1])
-            alpha = float(block_metrics[-1]["losses/alpha"][-1])
+            qf_loss = float(metrics_since_log[-1]["losses/qf_loss"][-1])
+            alpha = float(metrics_since_log[-1]["losses/alpha"][-1])
             done = step + start + len(keys)
             progress.report(done, f"qf_loss {qf_loss:.4f}, alpha {alpha:.4g}", force=done % args.log_every == 0)
         step += len(block_keys)
-        if step % args.log_every == 0 or step == args.offline_steps:
-            metrics = {name: jnp.mean(jnp.concatenate([m[name] for m in block_metrics])) for name in block_metrics[0]}
+        if step % args.log_every == 0 or step in (bc_steps, args.offline_steps):  # a phase's losses apart
+            metrics = {
+                name: jnp.mean(jnp.concatenate([m[name] for m in metrics_since_log])) for name in metrics_since_log[0]
+            }
+            metrics_since_log = []
             logger.log(step, {**metrics, "charts/updates_per_s": progress.rate(step)})
         if step % args.eval_every == 0 or step == args.offline_steps:
             run_evaluation(step)

@@ -138,6 +138,24 @@ def test_same_seed_gives_same_rows(runs, script):
     assert rows == without_time_keys(record["twin_rows"])
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_training_does_not_depend_on_log_eval_or_checkpoint_cadence(dataset_dir, tmp_path, script):
+    """12 offline updates, no online step: a run that logs, evaluates and checkpoints at none of them and a run that
+    cuts its blocks everywhere (--log-every 3, --eval-every 5 with an episode, --checkpoint-every 4, blocks of 5)
+    save the same parameters, bit for bit."""
+    common = ["--dataset-dir", dataset_dir, "--offline-steps", "12", "--online-steps", "0", "--save-model"]
+    plain = ["--log-every", "1000", "--eval-every", "1000", "--eval-episodes", "0", "--checkpoint-every", "0"]
+    cut = ["--log-every", "3", "--eval-every", "5", "--eval-episodes", "1", "--checkpoint-every", "4"]
+    models = []
+    for name, flags in (("plain", plain), ("cut", [*cut, "--offline-scan-length", "5"])):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        result = run(script, cwd, *common, *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        models.append((cwd / only_run_dir(cwd) / f"{script}.flax").read_bytes())
+    assert models[0] == models[1]
+
+
 # ---------------------------------------------------------------------------------------------------- resume
 
 
