@@ -24,6 +24,7 @@ SAC, CrossQ style (no target network; BatchRenorm in critic and actor input):
     L_Q = Σ_i mean (Q_i(s, a) − y)²     (s, a) and (s', a') pass the critic as ONE batch; y is stop-gradient
     L_π = mean(α log π(a_θ|s) − min_i Q_i(s, a_θ))      every `policy_delay` critic updates
     L_α = −log α · mean(log π(a_θ|s) + H_target)
+    log α ← log α − (η/d) · ∂L_α/∂log α = log α − (η/d) · (H − H_target),   H = mean(−log π)   plain gradient descent
 
 docs/design.md explains the choices (σ's bound, the target entropy, the replay buffer's layout, speed).
 """
@@ -33,7 +34,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -69,7 +70,7 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
     policy_lr: float = 3e-4
     """learning rate of the policy"""
     q_lr: float = 1e-3
-    """learning rate of the critic and of log α"""
+    """learning rate of the critic (and of log α with --alpha-optimizer adam)"""
     adam_beta1: float = 0.5
     """Adam β1 of every optimiser (CrossQ uses 0.5)"""
     policy_delay: int = 3
@@ -78,6 +79,11 @@ class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, 
     """initial entropy coefficient α"""
     autotune: bool = True
     """learn α towards the target entropy"""
+    alpha_optimizer: Literal["sgd", "adam"] = "sgd"
+    """how log α follows L_α: "sgd", plain gradient descent, a step in proportion to the entropy gap; "adam", Adam at
+    --q-lr as the released code and sac.py, a step of about q_lr whatever the gap (docs/entropy.md)"""
+    alpha_lr: float = 5e-3
+    """η of --alpha-optimizer sgd: log α moves by η/d per update and nat of entropy gap (d: action dimensions)"""
     target_entropy: float = 0.0
     """H_target of the α loss, a path entropy −log π (0, as the paper and the released code); refused if unreachable"""
     critic_hidden: int = 1024
@@ -287,6 +293,9 @@ def gaussian_log_density(standard_noise, std):
     return jnp.sum(-0.5 * standard_noise**2 - jnp.log(std) - 0.5 * math.log(2 * math.pi), axis=-1)
 
 
+SATURATED = math.tanh(2.0)  # an action entry with |tanh(A_K)| above this (|A_K| > 2) counts as saturated
+
+
 def squash(pre_tanh_action, action_scale, action_bias):
     """a = scale · tanh(A_K) + bias, and the log-determinant term log|da/dA_K| (with CleanRL's 1e-6)."""
     y = jnp.tanh(pre_tanh_action)
@@ -384,9 +393,13 @@ def make_networks(args: Args, action_dim: int):
     return policy, QNetwork(args.critic_hidden, args.renorm_warmup_steps)
 
 
-def make_optimizers(args: Args):
-    """Adam for the policy, the critic and log α (CrossQ's β1)."""
-    return [optax.adam(lr, b1=args.adam_beta1) for lr in (args.policy_lr, args.q_lr, args.q_lr)]
+def make_optimizers(args: Args, action_dim: int):
+    """Adam for the policy and the critic (CrossQ's β1); for log α plain gradient descent at η/d, or Adam."""
+    if args.alpha_optimizer == "sgd":
+        alpha_optimizer = optax.sgd(args.alpha_lr / action_dim)
+    else:
+        alpha_optimizer = optax.adam(args.q_lr, b1=args.adam_beta1)
+    return optax.adam(args.policy_lr, b1=args.adam_beta1), optax.adam(args.q_lr, b1=args.adam_beta1), alpha_optimizer
 
 
 def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
@@ -398,8 +411,9 @@ def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
     policy_vars = policy.init(policy_key, obs, action, step_noise, train=False)
     critic_vars = jax.vmap(lambda k: q_network.init(k, obs, action, train=False))(jax.random.split(critic_key, 2))
     log_alpha = jnp.asarray(math.log(args.alpha), jnp.float32)
-    policy_optimizer, critic_optimizer, alpha_optimizer = make_optimizers(args)
+    policy_optimizer, critic_optimizer, alpha_optimizer = make_optimizers(args, action_dim)
     actor_metric_names = ["losses/actor_loss", "losses/alpha_loss", "losses/entropy"]
+    actor_metric_names += ["policy/sigma", "policy/tanh_saturation"]
     if args.log_grad_norms:  # one per flow step k = 0..K−1, and the parameters'
         actor_metric_names += [f"grad/actor_wrt_A_k{k}" for k in range(args.flow_steps)] + ["grad/actor_params"]
     return AgentState(
@@ -454,16 +468,16 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
     policy, q_network = make_networks(args, action_dim)
     action_scale = jnp.asarray(action_scale, jnp.float32)
     action_bias = jnp.asarray(action_bias, jnp.float32)
-    alpha_optimizer = make_optimizers(args)[2]
+    alpha_optimizer = make_optimizers(args, action_dim)[2]
 
     def rollout(params, batch_stats, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
-        """The flow rollout and its squash: (action, log π(a|s), the policy's BatchRenorm statistics)."""
+        """The flow rollout and its squash: (action, log π(a|s), the policy's BatchRenorm statistics, σ)."""
         variables, mutable = {"params": params, "batch_stats": batch_stats}, ["batch_stats"] if train else []
-        (path, _, log_prob), updates = policy.apply(
+        (path, sigma, log_prob), updates = policy.apply(
             variables, obs, initial_noise, step_noise, train, action_perturbations, mutable=mutable
         )
         action, log_det = squash(path[-1], action_scale, action_bias)
-        return action, log_prob - log_det, updates.get("batch_stats", batch_stats)
+        return action, log_prob - log_det, updates.get("batch_stats", batch_stats), sigma
 
     def sample_actions(params, batch_stats, obs, key, train: bool, action_perturbations=None):
         initial_key, step_key = jax.random.split(key)
@@ -485,7 +499,9 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         obs, actions, rewards, terminations, next_obs = batch
         alpha = jnp.exp(agent.log_alpha)
         policy = agent.policy
-        next_actions, next_log_prob, _ = sample_actions(policy.params, policy.batch_stats, next_obs, key, train=False)
+        next_actions, next_log_prob, _, _ = sample_actions(
+            policy.params, policy.batch_stats, next_obs, key, train=False
+        )
         # CrossQ: current and next pairs share one training-mode batch, so both see the same statistics.
         both_obs, both_actions = jnp.concatenate([obs, next_obs]), jnp.concatenate([actions, next_actions])
 
@@ -508,7 +524,7 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         batch_size = obs.shape[0]
 
         def summed_actor_loss(params, action_perturbations):
-            actions, log_prob, _ = sample_actions(
+            actions, log_prob, _, _ = sample_actions(
                 params, batch_stats, obs, key, train=True, action_perturbations=action_perturbations
             )
             q, _ = critic_values(critic.params, critic.batch_stats, obs, actions, train=False)
@@ -528,12 +544,12 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
             grad_metrics = actor_gradient_norms(policy_state.params, policy_state.batch_stats, critic, obs, key, alpha)
 
         def actor_loss_fn(params):
-            actions, log_prob, batch_stats = sample_actions(params, policy_state.batch_stats, obs, key, train=True)
+            actions, log_prob, batch_stats, sigma = sample_actions(params, policy_state.batch_stats, obs, key, True)
             q, _ = critic_values(critic.params, critic.batch_stats, obs, actions, train=False)
-            return jnp.mean(alpha * log_prob - q.min(axis=0)), (batch_stats, log_prob)
+            return jnp.mean(alpha * log_prob - q.min(axis=0)), (batch_stats, log_prob, actions, sigma)
 
         actor_loss_and_grad = jax.value_and_grad(actor_loss_fn, has_aux=True)
-        (actor_loss, (batch_stats, log_prob)), grads = actor_loss_and_grad(policy_state.params)
+        (actor_loss, (batch_stats, log_prob, actions, sigma)), grads = actor_loss_and_grad(policy_state.params)
         policy_state = policy_state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
         alpha_loss_value, alpha_grad = jax.value_and_grad(alpha_loss)(log_alpha, log_prob, args.target_entropy)
         if args.autotune:
@@ -543,6 +559,9 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
             "losses/actor_loss": actor_loss,
             "losses/alpha_loss": alpha_loss_value,
             "losses/entropy": -log_prob.mean(),
+            # The path entropy is K Σ_j log σ_j plus constants and the tanh term: these two say which one moves it.
+            "policy/sigma": jnp.exp(jnp.log(sigma).mean()),  # geometric mean over states and action dimensions
+            "policy/tanh_saturation": jnp.mean(jnp.abs(actions - action_bias) > SATURATED * action_scale),
         }
         return policy_state, log_alpha, alpha_opt_state, {**metrics, **grad_metrics}
 
@@ -559,7 +578,7 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
             ),
             lambda: (agent.policy, agent.log_alpha, agent.alpha_opt_state, agent.actor_metrics),
         )
-        next_action, _, _ = sample_actions(
+        next_action, _, _, _ = sample_actions(
             policy_state.params, policy_state.batch_stats, policy_obs[None], action_key, False
         )
         agent = AgentState(policy_state, critic, log_alpha, alpha_opt_state, buffer, key, critic_updates, actor_metrics)
@@ -583,7 +602,7 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
         if args.eval_zero_initial_noise:
             initial_noise = jnp.zeros_like(initial_noise)
         step_noise = jnp.zeros((args.flow_steps, 1, action_dim))
-        action, _, _ = rollout(params, batch_stats, obs[None], initial_noise, step_noise, train=False)
+        action, _, _, _ = rollout(params, batch_stats, obs[None], initial_noise, step_noise, train=False)
         return action[0]
 
     # Over a list of --num-seeds agents (inputs and outputs with a leading seed axis); donated: buffers change in place.
@@ -605,8 +624,8 @@ SCRIPT = f"from_scratch/{os.path.basename(__file__)}"  # recorded in checkpoints
 
 
 def check_args(args: Args):
-    positive = ("total_timesteps", "buffer_size", "batch_size", "flow_steps", "policy_delay", "alpha", "eval_every")
-    positive += ("log_every", "console_every", "num_seeds", "velocity_hidden")
+    positive = ("total_timesteps", "buffer_size", "batch_size", "flow_steps", "policy_delay", "alpha", "alpha_lr")
+    positive += ("eval_every", "log_every", "console_every", "num_seeds", "velocity_hidden")
     non_negative = ("learning_starts", "eval_episodes", "noise_std", "checkpoint_every")
     run_utils.check_args(args, positive, non_negative, [
         (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size"),

@@ -25,7 +25,10 @@ groups:
 """
 
 
-@pytest.mark.parametrize("name", ["cpu-from-scratch", "cpu-offline-to-online", "paper"])
+PROTOCOLS = sorted(path.stem for path in (REPO / "bench" / "protocols").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PROTOCOLS)
 def test_every_protocol_parses_with_each_script_s_own_args(name):
     """Each run's flags parse with the script's own Args (the flag names and values a protocol gives exist)."""
     _, protocol = RESULTS.load_protocol(name)

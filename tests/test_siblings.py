@@ -20,7 +20,8 @@ BASELINES = {
     "from_scratch": (
         "sac",
         {"Args", "TrainFunctions", "check_args", "create_agent", "main", "make_networks", "make_train_functions"}
-        | {"squash"},  # a Gaussian's squash also returns the pre-tanh mean
+        | {"squash"}  # a Gaussian's squash also returns the pre-tanh mean
+        | {"make_optimizers"},  # Gaussian SAC keeps Adam for log α (cleanrl's); the flows' default is docs/entropy.md
     ),
     "offline_to_online": (
         "qc_fql",
