@@ -45,3 +45,17 @@ def test_path_entropy_reaches_its_target_within_300_actor_updates(alpha_optimize
     entropy = entropies_on_a_quadratic_bandit(alpha_optimizer)[-WINDOW:].mean()
     reached = abs(entropy) <= 2 * ACTION_DIM
     assert reached == (alpha_optimizer == "sgd"), f"--alpha-optimizer {alpha_optimizer}: entropy {entropy:.1f}"
+
+
+@pytest.mark.parametrize("script", ["sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"])
+def test_default_alpha_step_is_eta_over_d_times_the_entropy_gap(script):
+    """One default α update against the rule written by hand: log α − (η/d)(H − H_target), H = mean(−log π)."""
+    module = load_script(script)
+    args = module.Args(target_entropy=-3.0)
+    log_prob = np.array([2.0, -5.0, 1.5, 0.5], np.float32)  # H = 0.25, a gap of 3.25 nats above the target
+    optimizer = module.make_optimizers(args, ACTION_DIM)[2]
+    log_alpha = np.float32(np.log(0.2))
+    grad = jax.grad(module.alpha_loss)(log_alpha, log_prob, args.target_entropy)
+    updates, _ = optimizer.update(grad, optimizer.init(log_alpha))
+    expected = np.log(0.2) - args.alpha_lr / ACTION_DIM * (-log_prob.mean() - args.target_entropy)
+    np.testing.assert_allclose(float(log_alpha + updates), expected, rtol=1e-6)
