@@ -12,6 +12,7 @@ and draws <summary-dir>/<key>.png with tools/plot_runs.py (mean and, as the prot
 interval over seeds or the lowest to highest seed).
 
 Ctrl-C or SIGTERM is passed on to the running script; the tool then exits (130 or 143) and the next start resumes.
+A sitting killed outright (SIGKILL) records nothing; the next start takes up the newest run directory it left behind.
 
 Examples:
     python bench/results.py --protocol cpu-from-scratch           # about 2 hours on 2 CPU cores
@@ -198,7 +199,7 @@ def run_child(command: list[str], log_path: str, cwd: str | None = None) -> int:
 
 
 def new_run_dir(out: str, run: Run, known: set[str]) -> str | None:
-    """The run directory that the script made for this run (the newest one not seen before)."""
+    """The newest directory of this run not in `known` (None if there is none)."""
     pattern = os.path.join(out, "runs", f"{run.env}__{run.name}__{run.seed}__*")
     candidates = [d for d in glob.glob(pattern) if d not in known and os.path.isdir(d)]
     return max(candidates, key=os.path.getmtime) if candidates else None
@@ -207,7 +208,8 @@ def new_run_dir(out: str, run: Run, known: set[str]) -> str | None:
 def execute(run: Run, out: str, state: dict) -> float:
     """Runs (or resumes) one run to its end; returns the wall time it took in this sitting."""
     entry = state.get(run.key, {})
-    run_dir = entry.get("run_dir")
+    # A sitting killed outright (SIGKILL, the end of a batch job) records nothing: take up the run it left behind.
+    run_dir = entry.get("run_dir") or new_run_dir(out, run, known=set())
     command = [sys.executable, os.path.join(REPO, run.script)]
     if run_dir and os.path.exists(os.path.join(run_dir, "checkpoint.flax")):
         command += ["--resume", os.path.relpath(run_dir, out)]

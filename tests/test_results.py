@@ -2,6 +2,7 @@
 resumes its run, skips the finished ones and writes the summary."""
 
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -70,6 +71,31 @@ def test_interrupted_protocol_resumes_and_summarises(tmp_path):
     steps = {(row["script"], int(row["step"])) for row in rows}
     assert steps >= {("sac", 600), ("sac_wide", 200), ("sac_wide", 600), ("random", 0)}
     assert (tmp_path / "summary" / "eval_episodic_return.png").exists()
+
+
+def test_protocol_killed_outright_resumes_the_run_it_left(tmp_path):
+    """SIGKILL to the tool and its script (the end of a batch job) leaves state.json without the run: the next
+    sitting resumes the run directory it left instead of starting the run anew in a second one."""
+    (tmp_path / "tiny.yaml").write_text(TINY_PROTOCOL)
+    command = [sys.executable, str(REPO / "bench" / "results.py"), "--protocol", str(tmp_path / "tiny.yaml")]
+    command += ["--out", str(tmp_path / "out"), "--summary-dir", str(tmp_path / "summary"), "--only", "sac"]
+    process = subprocess.Popen(command, cwd=tmp_path, env=script_environment(), stdout=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "step 400/600" in line:  # after the checkpoint at 200 steps
+            break
+    script_pids = subprocess.run(
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    for pid in [process.pid, *map(int, script_pids)]:
+        os.kill(pid, signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert not (tmp_path / "out" / "state.json").exists()
+
+    again = subprocess.run(command, cwd=tmp_path, env=script_environment(), capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    assert len(list((tmp_path / "out" / "runs").iterdir())) == 1
+    assert RESULTS.read_state(str(tmp_path / "out"))["sac/Pendulum-v1/1"]["done"]
 
 
 def test_summary_steps_are_environment_steps_done_in_both_folders(tmp_path):
