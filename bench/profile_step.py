@@ -36,6 +36,8 @@ import jax
 import numpy as np
 import speed
 
+from sac_flow_utils import runs
+
 # One HLO instruction: `%name = f32[2,512,256]{2,1,0} dot(%a, %b), lhs_contracting_dims={2}, ...`
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+\[[\d,]*\])\S* (\w[\w\-]*)\(([^)]*)\)(.*)$")
 COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None):
     if jax.default_backend() != "cpu":  # a GPU's trace has kernels on a device plane, not these operations
         raise SystemExit(f"error: this profiles XLA's CPU runtime, and jax runs on {jax.default_backend()}: "
                          "run it with JAX_PLATFORMS=cpu")  # fmt: skip
-    speed.load_script("run_utils").reuse_freed_memory()  # as the scripts' main() and bench/speed.py do
+    runs.reuse_freed_memory()  # as the scripts' main() and bench/speed.py do
     module = speed.load_script(options.script)
     config = {"critic_hidden": options.critic_hidden, "batch_size": options.batch_size}
     args = speed.configured_args(module, config)

@@ -67,13 +67,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sac_flow_utils import runs
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["sac", "sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
 OBS_DIM, ACTION_DIM = 11, 3  # Hopper-v4
 FILLED = 100_000
 RANDOM_PHASE_ENV = "Humanoid-v4"  # 376-number observations: where a per-step buffer write cost the most
 SMALL_CONFIG = {"critic_hidden": 256, "batch_size": 256}  # the sizes people use on a CPU
-sys.path.insert(0, str(REPO / "from_scratch"))  # the scripts import their folder's run_utils.py, as when they run
 
 
 def load_script(name: str, folder: Path = REPO / "from_scratch", module_name: str | None = None):
@@ -99,6 +100,13 @@ def load_baseline(ref: str, names: list[str], directory: Path) -> tuple[str, dic
     their runs after their file."""
     revision = ("rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
     commit = git(*revision, failure=f"--baseline {ref} is not a commit").decode().strip()
+    listed = git("ls-tree", "--name-only", commit, "from_scratch/", failure=f"--baseline {ref} has no from_scratch/")
+    if b"from_scratch/run_utils.py" in listed.split():
+        # Revisions before sac_flow_utils/ kept the run plumbing next to the scripts, which import it from their folder.
+        plumbing = git("show", f"{commit}:from_scratch/run_utils.py", failure=f"--baseline {ref}: run_utils.py")
+        (directory / "run_utils.py").write_bytes(plumbing)
+        sys.path.insert(0, str(directory))
+        sys.modules.pop("run_utils", None)  # this revision's, not one imported before
     modules = {}
     for name in names:
         path = f"from_scratch/{name}.py"
@@ -536,7 +544,7 @@ def main(argv: list[str] | None = None):
             commit, baselines = load_baseline(options.baseline, options.scripts, Path(directory))
         modules = {name: load_script(name) for name in options.scripts}
         if not options.default_malloc:
-            modules[options.scripts[0]].run_utils.reuse_freed_memory()  # what each script's main() does first
+            runs.reuse_freed_memory()  # what each script's main() does first
         results = {
             "device": str(jax.devices()[0]),
             "default_malloc": options.default_malloc,

@@ -35,12 +35,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import run_utils  # run plumbing (run directory, metrics.csv, wandb, checkpoints, progress), the same in both folders
 from flax.training.train_state import TrainState
+
+from sac_flow_utils import batching, checkpoints, cli, gym_tasks, runs
 
 
 @dataclass
-class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, --resume, ...) are in run_utils.py
+class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resume, ...) are in sac_flow_utils/cli.py
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
@@ -449,9 +450,9 @@ def make_train_functions(args: Args, action_dim: int, action_scale, action_bias)
 
     # Over a list of --num-seeds agents (inputs and outputs with a leading seed axis); donated: buffers change in place.
     return TrainFunctions(
-        train_step=jax.jit(run_utils.over_seeds(train_step), donate_argnums=0),
-        add_transition=jax.jit(run_utils.over_seeds(add_transition), donate_argnums=0),
-        add_transitions=jax.jit(run_utils.over_seeds(add_transitions), donate_argnums=0),
+        train_step=jax.jit(batching.over_seeds(train_step), donate_argnums=0),
+        add_transition=jax.jit(batching.over_seeds(add_transition), donate_argnums=0),
+        add_transitions=jax.jit(batching.over_seeds(add_transitions), donate_argnums=0),
         evaluation_action=jax.jit(evaluation_action),
         update_critic=update_critic,
         update_actor_and_alpha=update_actor_and_alpha,
@@ -469,7 +470,7 @@ def check_args(args: Args):
     positive = ("total_timesteps", "buffer_size", "batch_size", "policy_delay", "alpha", "eval_every")
     positive += ("log_every", "console_every", "num_seeds", "actor_hidden")
     non_negative = ("learning_starts", "eval_episodes", "checkpoint_every")
-    run_utils.check_args(args, positive, non_negative, [
+    cli.check_args(args, positive, non_negative, [
         (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size"),
         (args.learning_starts < args.batch_size, f"--learning-starts {args.learning_starts} is below --batch-size"),
         (args.resume is not None and args.num_seeds != 1, "--resume continues one run: resume each of --num-seeds"),
@@ -477,21 +478,21 @@ def check_args(args: Args):
 
 
 def main():
-    run_utils.reuse_freed_memory()
-    args, checkpoint = run_utils.parse_args(Args, SCRIPT)
+    runs.reuse_freed_memory()
+    args, checkpoint = cli.parse_args(Args, SCRIPT)
     check_args(args)
     seeds = [args.seed + i for i in range(args.num_seeds)]
     start_step = 0 if checkpoint is None else int(checkpoint["step"])
     if start_step >= args.total_timesteps:
         raise SystemExit(f"error: {args.resume} is at step {start_step} already; give a larger --total-timesteps")
     # A resumed run's environments are seeded anew; a MuJoCo task's checkpoint then puts its episode back exactly.
-    envs = [run_utils.make_gym_env(args.env_id, seed + start_step) for seed in seeds]
+    envs = [gym_tasks.make_gym_env(args.env_id, seed + start_step) for seed in seeds]
     action_scale = (envs[0].action_space.high - envs[0].action_space.low) / 2
     action_bias = (envs[0].action_space.high + envs[0].action_space.low) / 2
-    run_dirs, wandb_ids, loggers, locks = run_utils.open_runs(args, args.env_id, seeds, checkpoint)
+    run_dirs, wandb_ids, loggers, locks = runs.open_runs(args, args.env_id, seeds, checkpoint)
     video_folder = "videos" if start_step == 0 else f"videos_from_step_{start_step}"
     eval_envs = [
-        run_utils.make_gym_env(
+        gym_tasks.make_gym_env(
             args.env_id,
             seed + 1 + start_step,
             os.path.join(run_dir, video_folder) if args.capture_video else None,
@@ -507,11 +508,11 @@ def main():
     if checkpoint is None:
         agents = [create_agent(args, key, obs_dim, action_dim) for key, _ in keys]
     else:
-        restored = run_utils.restore_gym_mujoco_state(envs[0], eval_envs[0], checkpoint.get("environment", {}))
+        restored = gym_tasks.restore_gym_mujoco_state(envs[0], eval_envs[0], checkpoint.get("environment", {}))
         if restored is not None:
             obs, actions = restored[0][None], restored[1][None]
         target = create_agent(args, keys[0][0], obs_dim, action_dim)
-        agent = run_utils.restore_state(target, checkpoint["agent"], f"{args.resume}/checkpoint.flax")
+        agent = checkpoints.restore_state(target, checkpoint["agent"], f"{args.resume}/checkpoint.flax")
         # Unless the episode continues exactly, the interrupted one ends in the buffer as a truncation.
         agents = [agent if restored is not None else agent.replace(buffer=buffer_end_episode(agent.buffer))]
     functions = make_train_functions(args, action_dim, action_scale, action_bias)
@@ -519,11 +520,11 @@ def main():
 
     def write_checkpoints():
         nonlocal agents, checkpoint_step
-        agents = run_utils.store_transitions(agents, pending_transitions, functions)
+        agents = batching.store_transitions(agents, pending_transitions, functions)
         for i, run_dir in enumerate(run_dirs):
-            environment = run_utils.gym_mujoco_state(envs[i], eval_envs[i], obs[i], actions[i])
+            environment = gym_tasks.gym_mujoco_state(envs[i], eval_envs[i], obs[i], actions[i])
             checkpoint = {"script": SCRIPT, "step": step, "wandb_id": wandb_ids[i], "agent": agents[i]}
-            run_utils.save_checkpoint(run_dir, {**checkpoint, "environment": environment})
+            checkpoints.save_checkpoint(run_dir, {**checkpoint, "environment": environment})
         checkpoint_step = step
 
     def close_all(exit_code: int = 0):
@@ -533,10 +534,10 @@ def main():
             logger.close(exit_code)
 
     checkpoint_step = None if checkpoint is None else start_step
-    stop = run_utils.catch_stop_signals()
+    stop = runs.catch_stop_signals()
     start_time = time.time()
     latest_returns = [float("nan")] * args.num_seeds
-    progress = run_utils.Progress(args.total_timesteps, start_step)
+    progress = runs.Progress(args.total_timesteps, start_step)
     progress.phase("random actions", start_step, args.learning_starts - 1, compiles=False)
     for step in range(start_step + 1, args.total_timesteps + 1):  # step: environment steps done after this one
         next_obs, rewards, terminations, episode_ends, policy_obs = [], [], [], [], []
@@ -555,7 +556,7 @@ def main():
         transition = [np.asarray(x, np.float32) for x in (obs, actions, rewards, next_obs, terminations)]
         transition.append(np.asarray(episode_ends, np.bool_))
         if step >= args.learning_starts:
-            agents = run_utils.store_transitions(agents, pending_transitions, functions)
+            agents = batching.store_transitions(agents, pending_transitions, functions)
             policy_obs = np.asarray(policy_obs, np.float32)
             agents, (actions, metrics, all_finite) = functions.train_step(agents, *transition, policy_obs)
             actions = np.asarray(actions)
@@ -564,15 +565,15 @@ def main():
                 metrics_i = {key: value[i] for key, value in jax.device_get(metrics).items()}
                 policy, critic = agents[i].policy, agents[i].critic
                 parameters = {"policy parameters": policy.params, "critic parameters": critic.params}
-                run_utils.stop_on_divergence(run_dirs[i], step, metrics_i, parameters, checkpoint_step)
+                runs.stop_on_divergence(run_dirs[i], step, metrics_i, parameters, checkpoint_step)
             if step % args.log_every == 0:
                 metrics = jax.device_get(metrics)
                 for i, logger in enumerate(loggers):
                     logger.log(step, {key: value[i] for key, value in metrics.items()})
         else:
             pending_transitions.append(transition)
-            if len(pending_transitions) == run_utils.RANDOM_BLOCK:
-                agents = run_utils.store_transitions(agents, pending_transitions, functions)
+            if len(pending_transitions) == batching.RANDOM_BLOCK:
+                agents = batching.store_transitions(agents, pending_transitions, functions)
             actions = np.stack([env.action_space.sample() for env in envs])
         obs = np.stack(policy_obs)
 
@@ -589,7 +590,7 @@ def main():
             eval_returns = []
             for eval_env, logger, agent, eval_key in zip(eval_envs, loggers, agents, eval_keys):
                 key = jax.random.fold_in(eval_key, step)  # the same key at this step, resumed or not
-                evaluation = run_utils.evaluate_gym(
+                evaluation = gym_tasks.evaluate_gym(
                     eval_env, functions.evaluation_action, agent.policy, args.eval_episodes, key
                 )
                 eval_returns.append(evaluation)
@@ -604,12 +605,12 @@ def main():
             if args.checkpoint_on_exit and checkpoint_step != step:
                 write_checkpoints()
             close_all(exit_code=128 + stop["signal"])
-            run_utils.exit_interrupted(stop["signal"], step, args.total_timesteps, checkpoint_step, run_dirs)
+            runs.exit_interrupted(stop["signal"], step, args.total_timesteps, checkpoint_step, run_dirs)
 
     for agent, run_dir in zip(agents, run_dirs):
         if args.save_model:
             policy, critic = agent.policy, agent.critic
-            run_utils.save_model(run_dir, args.exp_name, {
+            checkpoints.save_model(run_dir, args.exp_name, {
                 "policy": {"params": policy.params, "batch_stats": policy.batch_stats},
                 "critic": {"params": critic.params, "batch_stats": critic.batch_stats},
                 "log_alpha": agent.log_alpha,

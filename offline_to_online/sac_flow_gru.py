@@ -57,11 +57,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import run_utils  # run plumbing (run directory, metrics.csv, wandb, checkpoints, progress), the same in both folders
+
+from sac_flow_utils import checkpoints, cli, ogbench_tasks, runs
 
 
 @dataclass
-class Args(run_utils.RunArgs):  # the run options (--track, --checkpoint-every, --resume, ...) are in run_utils.py
+class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resume, ...) are in sac_flow_utils/cli.py
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run name)"""
     seed: int = 1
@@ -669,7 +670,7 @@ def check_args(args: Args):
     positive = ("horizon_length", "batch_size", "flow_steps", "log_every", "eval_every", "offline_scan_length")
     positive += ("num_qs", "init_alpha", "velocity_hidden", "velocity_hidden_layers")
     non_negative = ("offline_steps", "online_steps", "online_learning_starts", "eval_episodes", "checkpoint_every")
-    run_utils.check_args(args, positive, non_negative + ("alpha", "noise_std"), [
+    cli.check_args(args, positive, non_negative + ("alpha", "noise_std"), [
         (args.online_alpha is not None and args.online_alpha < 0, f"--online-alpha must be >= 0, got {args.online_alpha}"),
         (not 0 <= args.bc_fraction <= 1, f"--bc-fraction must be in [0, 1], got {args.bc_fraction}"),
         (args.max_episode_steps is not None and args.max_episode_steps < 1, "--max-episode-steps must be >= 1"),
@@ -677,10 +678,12 @@ def check_args(args: Args):
 
 
 def main():
-    args, checkpoint = run_utils.parse_args(Args, SCRIPT)
+    args, checkpoint = cli.parse_args(Args, SCRIPT)
     check_args(args)
-    start_offline, start_online = run_utils.offline_start(args, checkpoint)
-    env, eval_env, dataset_path = run_utils.make_ogbench_envs(args.env_name, args.dataset_dir, args.max_episode_steps)
+    start_offline, start_online = checkpoints.offline_start(args, checkpoint)
+    env, eval_env, dataset_path = ogbench_tasks.make_ogbench_envs(
+        args.env_name, args.dataset_dir, args.max_episode_steps
+    )
     action_dim = env.action_space.shape[0]
     chunk_dim = args.horizon_length * action_dim
     sigma_bound = args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX)
@@ -691,20 +694,20 @@ def main():
             f"largest entropy the policy can reach, {largest_entropy:.1f} for h*d = {chunk_dim}, K = {args.flow_steps} "
             "and its sigma bound: alpha would grow without bound"
         )
-    dataset = run_utils.load_ogbench_dataset(env, dataset_path, min_size=max(args.batch_size, args.horizon_length))
+    dataset = ogbench_tasks.load_ogbench_dataset(env, dataset_path, min_size=max(args.batch_size, args.horizon_length))
     dataset_size = len(dataset["observations"])
 
     agent, state = make_agent(args, env.observation_space.shape[0], action_dim)
     buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
     del dataset
     key = jax.random.PRNGKey(args.seed)
-    (run_dir,), (wandb_id,), (logger,), locks = run_utils.open_runs(args, args.env_name, [args.seed], checkpoint)
+    (run_dir,), (wandb_id,), (logger,), locks = runs.open_runs(args, args.env_name, [args.seed], checkpoint)
     online_loop, last_checkpoint_step = None, None
     if checkpoint is not None:
         # An online episode goes on where it stopped when the checkpoint holds its environment (OGBench's tasks).
         env.reset(seed=args.seed + start_online)
-        online_loop = run_utils.restore_ogbench_state(env, checkpoint.get("environment", {}))
-        state, key, buffer = run_utils.restore_offline_agent(
+        online_loop = ogbench_tasks.restore_ogbench_state(env, checkpoint.get("environment", {}))
+        state, key, buffer = checkpoints.restore_offline_agent(
             checkpoint, state, buffer, dataset_size, online_loop is not None
         )
         last_checkpoint_step = int(checkpoint["step"])
@@ -719,14 +722,14 @@ def main():
     # Every random draw comes from these keys folded with a step number, so a run can restart at any step.
     offline_key, online_key, first_chunk_key, eval_key = jax.random.split(key, 4)
     total_steps = args.offline_steps + args.online_steps
-    progress = run_utils.Progress(total_steps, start_offline + start_online)
-    stop = run_utils.catch_stop_signals()
+    progress = runs.Progress(total_steps, start_offline + start_online)
+    stop = runs.catch_stop_signals()
 
     def run_evaluation(step: int):
         if args.eval_episodes == 0:
             return
         eval_start = time.time()
-        success, episodic_return = run_utils.evaluate_ogbench(
+        success, episodic_return = ogbench_tasks.evaluate_ogbench(
             eval_env, eval_act, state.params, jax.random.fold_in(eval_key, step), args.eval_episodes,
             args.horizon_length, action_dim,
         )  # fmt: skip
@@ -737,7 +740,7 @@ def main():
     def write_checkpoint(offline_done: int, online_done: int, environment: dict):
         nonlocal last_checkpoint_step
         online_replay = {name: column[dataset_size : dataset_size + online_done] for name, column in buffer.items()}
-        run_utils.save_checkpoint(run_dir, {
+        checkpoints.save_checkpoint(run_dir, {
             "script": SCRIPT, "step": offline_done + online_done, "offline_step": offline_done,
             "online_step": online_done, "wandb_id": wandb_id, "environment": environment,
             "agent": {"state": state, "rng_key": key, "online_replay": online_replay},
@@ -753,12 +756,12 @@ def main():
         eval_env.close()
         logger.close(exit_code=128 + stop["signal"])
         step = offline_done + online_done
-        run_utils.exit_interrupted(stop["signal"], step, total_steps, last_checkpoint_step, [run_dir])
+        runs.exit_interrupted(stop["signal"], step, total_steps, last_checkpoint_step, [run_dir])
 
     def stop_on_divergence(step: int, metrics: dict):
         groups = {"critic parameters": state.params["critic"], "policy parameters": state.params["policy"]}
         groups.update({"target critic parameters": state.target_critic_params, "log alpha": state.log_alpha})
-        run_utils.stop_on_divergence(run_dir, step, metrics, groups, last_checkpoint_step)
+        runs.stop_on_divergence(run_dir, step, metrics, groups, last_checkpoint_step)
 
     # Offline phase: blocks of updates, each run as jitted scans over batches sampled on the device; the first
     # bc_steps are BC, the rest action-regularised SAC (or both on every step with --interleave-offline-updates).
@@ -878,14 +881,14 @@ def main():
         if eval_now:
             run_evaluation(global_step)
         if checkpoint_now or stop["signal"] is not None:
-            environment = run_utils.ogbench_state(env, observation, queue, episode_return, episode_length)
+            environment = ogbench_tasks.ogbench_state(env, observation, queue, episode_return, episode_length)
             if checkpoint_now:
                 write_checkpoint(args.offline_steps, online_step_index, environment)
             stop_if_asked(args.offline_steps, online_step_index, environment)
 
     if args.save_model:
         model = dict(params=state.params, target_critic_params=state.target_critic_params, log_alpha=state.log_alpha)
-        run_utils.save_model(run_dir, args.exp_name, model)
+        checkpoints.save_model(run_dir, args.exp_name, model)
     env.close()
     eval_env.close()
     logger.close()

@@ -14,12 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 FROM_SCRATCH = REPO / "from_scratch"
 OFFLINE_TO_ONLINE = REPO / "offline_to_online"
 TINY_DATASET = "cube-triple-play-v0"
+# The scripts, declared once: the flow variants (both folders), and each folder's scripts with its baseline first.
 FLOW_SCRIPTS = ["sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
 ALL_SCRIPTS = ["sac", *FLOW_SCRIPTS]
-
-
-# The scripts import their folder's run_utils.py (the same file in both folders), as they do when run.
-sys.path.insert(0, str(FROM_SCRATCH))
+OFFLINE_SCRIPTS = ["qc_fql", *FLOW_SCRIPTS]
 
 
 def load_script(name: str, folder: Path = FROM_SCRATCH):

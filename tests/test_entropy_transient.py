@@ -8,7 +8,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from conftest import load_script
+from conftest import FLOW_SCRIPTS, load_script
 
 OBS_DIM, ACTION_DIM = 4, 6
 TRAIN_STEPS, WINDOW = 900, 150  # 300 actor updates; the entropy averaged over the last 50
@@ -47,7 +47,7 @@ def test_path_entropy_reaches_its_target_within_300_actor_updates(alpha_optimize
     assert reached == (alpha_optimizer == "sgd"), f"--alpha-optimizer {alpha_optimizer}: entropy {entropy:.1f}"
 
 
-@pytest.mark.parametrize("script", ["sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"])
+@pytest.mark.parametrize("script", FLOW_SCRIPTS)
 def test_default_alpha_step_is_eta_over_d_times_the_entropy_gap(script):
     """One default α update against the rule written by hand: log α − (η/d)(H − H_target), H = mean(−log π)."""
     module = load_script(script)

@@ -10,7 +10,9 @@ import jax
 import pytest
 from conftest import ALL_SCRIPTS, FROM_SCRATCH, load_script, run_script
 
-SCRIPTS = [name for name in ALL_SCRIPTS if (FROM_SCRATCH / f"{name}.py").exists()]
+from sac_flow_utils import gym_tasks
+
+SCRIPTS = ALL_SCRIPTS
 SMOKE_FLAGS = [
     *("--env-id", "Hopper-v4", "--total-timesteps", "400", "--learning-starts", "200", "--batch-size", "32"),
     *("--eval-every", "400", "--eval-episodes", "1", "--log-every", "50", "--save-model"),
@@ -118,6 +120,7 @@ def test_bad_input_is_one_line_error_before_anything_is_written(script, case, tm
     assert not (tmp_path / "runs").exists()  # nothing written for a run that never started
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bad_input_from_the_shell_is_one_line_and_exit_status_1(script, tmp_path):
     result = run_script(FROM_SCRATCH / f"{script}.py", "--env-id", "NoSuchEnv-v9", cwd=tmp_path, timeout=120)
@@ -127,6 +130,7 @@ def test_bad_input_from_the_shell_is_one_line_and_exit_status_1(script, tmp_path
     assert last_line.startswith("error:") and "NoSuchEnv-v9" in last_line, result.stderr[-2000:]
 
 
+@pytest.mark.long
 def test_video_without_a_renderer_is_one_line_before_anything_is_written(tmp_path):
     """GLFW with no display cannot render: --capture-video stops before a run directory is made, not at the first
     evaluation (nor after leaving an empty run behind)."""
@@ -142,8 +146,7 @@ def test_video_without_a_renderer_is_one_line_before_anything_is_written(tmp_pat
 @pytest.mark.parametrize("env_id", ["Hopper-v4", "Hopper-v5", "Humanoid-v4", "Humanoid-v5"])
 def test_gymnasium_v4_and_v5_mujoco_ids_work(env_id):
     """The paper's -v4 tasks and the current -v5 ones both build and step with the pinned mujoco."""
-    module = load_script("sac_flow_naive")
-    env = module.run_utils.make_gym_env(env_id, seed=0)
+    env = gym_tasks.make_gym_env(env_id, seed=0)
     _, _, _, _, info = env.step(env.action_space.sample())
     assert env.observation_space.shape[0] > 0 and isinstance(info, dict)
     env.close()

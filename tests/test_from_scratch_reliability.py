@@ -4,7 +4,6 @@ stops at once, and a bad --resume is one line."""
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,9 @@ import time
 import flax
 import numpy as np
 import pytest
-from conftest import FROM_SCRATCH, load_script, run_and_signal, run_script, script_environment
+from conftest import FROM_SCRATCH, run_and_signal, run_script, script_environment
+
+pytestmark = pytest.mark.long  # subprocess runs that are signalled, killed and resumed: pytest -m long
 
 SMALL_NETWORKS = {
     "sac": ["--actor-hidden", "32"],
@@ -153,24 +154,6 @@ def test_ctrl_c_and_sigterm_checkpoint_and_resume_as_printed(script, tmp_path):
     assert rows == metric_rows(run_dirs(tmp_path / "uninterrupted")[0])
 
 
-@pytest.mark.parametrize("script", ["sac", "sac_flow_transformer"])
-def test_first_signal_is_recorded_and_a_second_ctrl_c_exits_at_once(script):
-    module = load_script(script)
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        stop = module.run_utils.catch_stop_signals()
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop["signal"] == signal.SIGTERM  # recorded; the loop ends after its step
-        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's second SIGTERM changes nothing
-        assert stop["signal"] == signal.SIGTERM
-        with pytest.raises(SystemExit) as stopped:  # a second Ctrl-C stops at once
-            os.kill(os.getpid(), signal.SIGINT)
-        assert stopped.value.code == 128 + signal.SIGINT
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def test_no_checkpoint_on_exit_writes_none(tmp_path):
     """--no-checkpoint-on-exit: the run ends at the signal without a checkpoint and says it cannot be continued."""
     path = FROM_SCRATCH / "sac.py"
@@ -264,78 +247,3 @@ def test_bad_resume_is_one_line_and_nonzero_exit(case, tmp_path):
     make_run(tmp_path / "run")
     result = run_script(FROM_SCRATCH / "sac_flow_naive.py", "--resume", "run", *flags, cwd=tmp_path, timeout=120)
     assert_one_line_error(result, mentioned)
-
-
-# ---------------------------------------------------------------------------------------------------- lost work
-# The helpers that guard a long run's files (in-process: no training is needed to show them), in run_utils.py, the same
-# file in both folders (tests/test_siblings.py).
-GUARDED = [("from_scratch", "sac_flow_gru")]
-
-
-def load_guarded(folder: str, script: str):
-    return load_script(script, FROM_SCRATCH.parent / folder)
-
-
-def keep_metrics_before(module, run_dir, step: int):
-    """Cuts metrics.csv at a checkpoint of `step` - 1, as a resumed run does (rows labelled after it are dropped)."""
-    module.run_utils.MetricsLog(str(run_dir), None, resume_step=step - 1).close()
-
-
-@pytest.mark.parametrize("folder, script", GUARDED)
-def test_resume_drops_a_row_cut_short_and_refuses_a_hand_edited_one(folder, script, tmp_path, capsys):
-    module = load_guarded(folder, script)
-    metrics = tmp_path / "metrics.csv"
-    good = "global_step,key,value\n9,losses/qf_loss,1.5\n19,losses/qf_loss,1.25\n29,losses/qf_loss,1.0\n"
-    metrics.write_text(good + "39,losses/qf")  # the process died while writing this row
-    keep_metrics_before(module, tmp_path, 20)
-    assert metrics.read_text() == "global_step,key,value\n9,losses/qf_loss,1.5\n19,losses/qf_loss,1.25\n"
-
-    edited = good.replace("19,losses/qf_loss,1.25", "19;losses/qf_loss;1.25")
-    metrics.write_text(edited)
-    with pytest.raises(SystemExit) as stopped:
-        keep_metrics_before(module, tmp_path, 20)
-    assert str(stopped.value.code).startswith("error: ") and "line 3" in str(stopped.value.code)
-    assert metrics.read_text() == edited  # nothing was changed
-
-
-@pytest.mark.parametrize("folder, script", GUARDED)
-def test_full_disk_while_checkpointing_or_logging_is_one_line_and_keeps_the_previous_checkpoint(
-    folder, script, tmp_path, monkeypatch
-):
-    module = load_guarded(folder, script)
-    checkpoint = tmp_path / "checkpoint.flax"
-
-    def save(step):
-        module.run_utils.save_checkpoint(str(tmp_path), {"step": step, "x": np.arange(3.0)})
-
-    save(100)
-    previous = checkpoint.read_bytes()
-
-    def no_space(*_):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(module.run_utils.os, "fsync", no_space)
-    with pytest.raises(SystemExit) as stopped:
-        save(200)
-    message = str(stopped.value.code)
-    assert message.startswith("error: cannot write") and "No space left on device" in message and "\n" not in message
-    assert checkpoint.read_bytes() == previous and not (tmp_path / "checkpoint.flax.tmp").exists()
-
-    logger = module.run_utils.MetricsLog(str(tmp_path))
-    monkeypatch.setattr(logger, "file", type("FullDisk", (), {"write": no_space, "flush": no_space, "name": "m"})())
-    logger.writer = csv.writer(logger.file)
-    with pytest.raises(SystemExit) as stopped:
-        logger.log(300, {"losses/qf_loss": 1.0})
-    assert str(stopped.value.code) == "error: cannot write m at step 300 (No space left on device)"
-
-
-@pytest.mark.parametrize("folder, script", GUARDED)
-def test_a_second_process_on_the_same_run_refuses(folder, script, tmp_path):
-    module = load_guarded(folder, script)
-    lock_run_dir = module.run_utils.lock_run_dir
-    first = lock_run_dir(str(tmp_path))
-    with pytest.raises(SystemExit) as stopped:
-        lock_run_dir(str(tmp_path))
-    assert "in use by another process" in str(stopped.value.code)
-    first.close()  # the first process ends
-    lock_run_dir(str(tmp_path)).close()

@@ -174,6 +174,7 @@ def bench_and_reference_run(tmp_path_factory):
     return bench, out / "bench", reference_run
 
 
+@pytest.mark.long
 def test_the_flag_changes_no_training_result(bench_and_reference_run):
     bench, bench_dir, reference_run = bench_and_reference_run
     assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]
@@ -194,6 +195,7 @@ def test_the_flag_changes_no_training_result(bench_and_reference_run):
     assert training_rows(with_flag) == training_rows(without_flag)
 
 
+@pytest.mark.long
 def test_bench_writes_the_json_and_the_figure(bench_and_reference_run):
     bench, bench_dir, _ = bench_and_reference_run
     assert bench.returncode == 0, bench.stdout[-3000:] + bench.stderr[-3000:]

@@ -115,6 +115,7 @@ def test_singletask_rewards_match_the_environment(loaded):
     np.testing.assert_array_equal(train["masks"], (expected < 0).astype(np.float32))
 
 
+@pytest.mark.long
 def test_refuses_to_overwrite_and_is_deterministic_across_worker_counts(dataset_dir, tmp_path):
     for name in [f"{DATASET}.npz", f"{DATASET}-val.npz"]:
         shutil.copy(dataset_dir / name, tmp_path / name)
@@ -166,6 +167,7 @@ def test_in_process_generation_checks_and_seeds(tmp_path):
     assert not np.array_equal(a["qpos"], raw_arrays(paths["val"])["qpos"])
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("signum, workers", [(signal.SIGINT, "1"), (signal.SIGTERM, "2")])
 def test_interrupted_generation_keeps_its_episodes_and_continues_to_the_same_files(tmp_path, signum, workers):
     """Ctrl-C (one process) or SIGTERM (workers): the finished episodes go to <name>.partial.npz and the run exits

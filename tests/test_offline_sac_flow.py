@@ -12,10 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, load_script
+from conftest import FLOW_SCRIPTS, OFFLINE_TO_ONLINE, load_script
 
-OFFLINE_TO_ONLINE = REPO / "offline_to_online"
-SCRIPTS = ["sac_flow_naive", "sac_flow_gru", "sac_flow_transformer"]
+SCRIPTS = FLOW_SCRIPTS
 ENV_NAME = "cube-triple-play-singletask-task4-v0"
 DATASET_NAME = "cube-triple-play-v0"
 OBS_DIM, ACTION_DIM, HORIZON, BATCH, FLOW_STEPS = 5, 3, 2, 7, 4

@@ -8,6 +8,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import pytest
 from conftest import REPO, load_script, script_environment
 
 
@@ -39,6 +40,7 @@ def test_matmul_flops_and_shapes_are_read_from_the_compiled_module(monkeypatch):
     assert f"-> f32[{ensemble},{rows},{hidden}]" in shapes and f"-> f32[{ensemble},{rows},{outputs}]" in shapes
 
 
+@pytest.mark.long
 def test_profile_of_a_small_train_step_from_the_shell():
     flags = ["sac", "--critic-hidden", "16", "--batch-size", "16", "--cycles", "1", "--top", "2"]
     result = subprocess.run(

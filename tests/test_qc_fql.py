@@ -177,7 +177,7 @@ def test_sparse_reward_relabel():
 # ---------------------------------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("horizon", [5, 1])
+@pytest.mark.parametrize("horizon", [5, pytest.param(1, marks=pytest.mark.long)])  # FQL: the same script
 def test_end_to_end(tmp_path, dataset_dir, horizon):
     flags = [
         "--env-name", ENV_NAME, "--dataset-dir", dataset_dir, "--horizon-length", str(horizon),

@@ -46,6 +46,7 @@ def test_protocol_flags_expand_lists_and_booleans():
     assert flags == ["--critic-hidden-dims", "256", "256", "--track", "--no-autotune", "--x", "o/d"]
 
 
+@pytest.mark.long
 def test_interrupted_protocol_resumes_and_summarises(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_PROTOCOL)
     command = [sys.executable, str(REPO / "bench" / "results.py"), "--protocol", str(tmp_path / "tiny.yaml")]
@@ -73,6 +74,7 @@ def test_interrupted_protocol_resumes_and_summarises(tmp_path):
     assert (tmp_path / "summary" / "eval_episodic_return.png").exists()
 
 
+@pytest.mark.long
 def test_protocol_killed_outright_resumes_the_run_it_left(tmp_path):
     """SIGKILL to the tool and its script (the end of a batch job) leaves state.json without the run: the next
     sitting resumes the run directory it left instead of starting the run anew in a second one."""

@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import FROM_SCRATCH, load_script, run_script
 
 SCRIPT = FROM_SCRATCH / "sac.py"
@@ -116,6 +117,7 @@ def test_train_step_entropy_and_default_target_entropy():
     assert math.isclose(target_entropy, -ACTION_DIM, abs_tol=1e-3), target_entropy
 
 
+@pytest.mark.long  # tests/test_from_scratch_cli.py runs sac.py end to end in the quick suite
 def test_end_to_end_run_logs_losses_returns_and_evaluation(tmp_path):
     flags = [
         "--env-id", "Hopper-v4", "--total-timesteps", "400", "--learning-starts", "200", "--batch-size", "32",

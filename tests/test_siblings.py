@@ -7,9 +7,8 @@ import functools
 import itertools
 
 import pytest
-from conftest import REPO
+from conftest import FLOW_SCRIPTS, REPO
 
-FLOW_SCRIPTS = ("sac_flow_naive", "sac_flow_gru", "sac_flow_transformer")
 # What the flow scripts of a folder may write differently: the velocity network and what sizes it.
 FLOW_DIFFERENCES = {
     "from_scratch": {"Args", "VelocityNet", "make_networks", "check_args"},
@@ -85,9 +84,3 @@ def test_every_declared_difference_still_differs(folder):
     for name in FLOW_DIFFERENCES[folder] | baseline_differences:
         texts = {definitions[script][name] for script in scripts if name in definitions[script]}
         assert len(texts) > 1, f"{name} is the same in every script of {folder}/ that has it: remove it from the list"
-
-
-def test_run_utils_is_the_same_file_in_both_folders():
-    """Each folder is self-contained, with its own copy of the run plumbing: the copies must not drift apart."""
-    from_scratch, offline = (REPO / folder / "run_utils.py" for folder in ("from_scratch", "offline_to_online"))
-    assert from_scratch.read_bytes() == offline.read_bytes(), "edit run_utils.py in both folders (cp one to the other)"

@@ -28,6 +28,14 @@ def test_baseline_of_head_is_its_own_module_read_from_git(tmp_path):
     assert baseline.Args().exp_name == "sac"  # the scripts name their runs after their file, kept in the copy
 
 
+def test_baseline_from_before_the_package_imports_its_own_run_utils(tmp_path):
+    """Revisions before sac_flow_utils/ import from_scratch/run_utils.py: it comes with their scripts."""
+    before = "690a87b"  # the last commit with from_scratch/run_utils.py
+    _, modules = SPEED.load_baseline(before, ["sac_flow_gru"], tmp_path)
+    assert (tmp_path / "run_utils.py").read_bytes() == git(REPO, "show", f"{before}:from_scratch/run_utils.py")
+    assert modules["sac_flow_gru"].run_utils.__file__ == str(tmp_path / "run_utils.py")
+
+
 @pytest.fixture
 def two_revisions(tmp_path, monkeypatch):
     """A repository whose from_scratch/sac.py says "old" at HEAD~1 and "new" at HEAD, standing in for this one."""

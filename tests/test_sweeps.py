@@ -13,6 +13,8 @@ import yaml
 from conftest import REPO, load_script
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
 
+from sac_flow_utils import ogbench_tasks
+
 SWEEPS = REPO / "sweeps"
 MUJOCO_TASKS = ["Hopper-v4", "Walker2d-v4", "HalfCheetah-v4", "Ant-v4", "Humanoid-v4", "HumanoidStandup-v4"]
 OGBENCH_TASK = "cube-triple-play-singletask-task4-v0"  # the README's offline-to-online task
@@ -119,17 +121,7 @@ def test_sweep_environments_exist():
         assert env_id in gym.envs.registry, env_id
     import ogbench  # noqa: F401  (registers the OGBench environments, as the offline scripts do when they run)
 
-    split_ogbench_name = script_module("offline_to_online/qc_fql.py").run_utils.split_ogbench_name
-    assert split_ogbench_name(OGBENCH_TASK)[0] in gym.envs.registry
-
-
-def test_plain_args_macro_would_be_rejected():
-    """The check above can fail: ${args} renders booleans as --track=True, which tyro refuses."""
-    sweep = {**load_sweep("from_scratch_sac.yaml"), "command": ["${env}", "${interpreter}", "${program}", "${args}"]}
-    argv = agent_command(sweep, grid_points(sweep["parameters"])[0])
-    assert "--track=True" in argv
-    with pytest.raises(SystemExit):
-        tyro.cli(script_module("from_scratch/sac.py").Args, args=argv[3:])
+    assert ogbench_tasks.split_ogbench_name(OGBENCH_TASK)[0] in gym.envs.registry
 
 
 def test_sweeps_set_no_device():
