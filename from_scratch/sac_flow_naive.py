@@ -25,6 +25,7 @@ SAC, CrossQ style (no target network; BatchRenorm in critic and actor input):
     L_π = mean(α log π(a_θ|s) − min_i Q_i(s, a_θ))      every `policy_delay` critic updates
     L_α = −log α · mean(log π(a_θ|s) + H_target)
     log α ← log α − (η/d) · ∂L_α/∂log α = log α − (η/d) · (H − H_target),   H = mean(−log π)   plain gradient descent
+    α₀ = 0.2 / (K·d)    Gaussian SAC's initial 0.2, spread over the K·d Gaussian steps of the path's density
 
 docs/design.md explains the choices (σ's bound, the target entropy, the replay buffer's layout, speed).
 """
@@ -76,8 +77,9 @@ class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resu
     """Adam β1 of every optimiser (CrossQ uses 0.5)"""
     policy_delay: int = 3
     """update the actor and α once every this many critic updates"""
-    alpha: float = 0.2
-    """initial entropy coefficient α"""
+    alpha: float | None = None
+    """initial entropy coefficient α; None: 0.2/(K·d) (d: action dimensions), where the entropy's bonus at σ's bound
+    is about Gaussian SAC's (docs/entropy.md); the paper and the released code start at 0.2"""
     autotune: bool = True
     """learn α towards the target entropy"""
     alpha_optimizer: Literal["sgd", "adam"] = "sgd"
@@ -394,6 +396,12 @@ def make_networks(args: Args, action_dim: int):
     return policy, QNetwork(args.critic_hidden, args.renorm_warmup_steps)
 
 
+def initial_alpha(args: Args, action_dim: int) -> float:
+    """α₀: --alpha, or 0.2/(K·d). The entropy moves by K·d nats per unit of log σ (Gaussian SAC's by d), and α
+    settles near 0.004-0.017 on MuJoCo: from 0.2 it would fall several e-folds while σ sits at its bound."""
+    return 0.2 / (args.flow_steps * action_dim) if args.alpha is None else args.alpha
+
+
 def make_optimizers(args: Args, action_dim: int):
     """Adam for the policy and the critic (CrossQ's β1); for log α plain gradient descent at η/d, or Adam."""
     if args.alpha_optimizer == "sgd":
@@ -411,7 +419,7 @@ def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
     step_noise = jnp.zeros((args.flow_steps, 1, action_dim), jnp.float32)
     policy_vars = policy.init(policy_key, obs, action, step_noise, train=False)
     critic_vars = jax.vmap(lambda k: q_network.init(k, obs, action, train=False))(jax.random.split(critic_key, 2))
-    log_alpha = jnp.asarray(math.log(args.alpha), jnp.float32)
+    log_alpha = jnp.asarray(math.log(initial_alpha(args, action_dim)), jnp.float32)
     policy_optimizer, critic_optimizer, alpha_optimizer = make_optimizers(args, action_dim)
     actor_metric_names = ["losses/actor_loss", "losses/alpha_loss", "losses/entropy"]
     actor_metric_names += ["policy/sigma", "policy/tanh_saturation"]
@@ -625,10 +633,11 @@ SCRIPT = f"from_scratch/{os.path.basename(__file__)}"  # recorded in checkpoints
 
 
 def check_args(args: Args):
-    positive = ("total_timesteps", "buffer_size", "batch_size", "flow_steps", "policy_delay", "alpha", "alpha_lr")
+    positive = ("total_timesteps", "buffer_size", "batch_size", "flow_steps", "policy_delay", "alpha_lr")
     positive += ("eval_every", "log_every", "console_every", "num_seeds", "velocity_hidden")
     non_negative = ("learning_starts", "eval_episodes", "noise_std", "checkpoint_every")
     cli.check_args(args, positive, non_negative, [
+        (args.alpha is not None and args.alpha <= 0, f"--alpha must be > 0, got {args.alpha}"),
         (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size"),
         (args.learning_starts < args.batch_size, f"--learning-starts {args.learning_starts} is below --batch-size"),
         (args.resume is not None and args.num_seeds != 1, "--resume continues one run: resume each of --num-seeds"),
