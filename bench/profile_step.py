@@ -100,7 +100,7 @@ def profile(module, args, calls: int, trace_dir: str) -> tuple[float, dict, dict
         runner.step()
     wall = (time.perf_counter() - start) / calls
     jax.profiler.stop_trace()
-    hlo = runner.functions.train_step.lower(runner.agents, *runner.transition()).compile().as_text()
+    hlo = runner.functions.train_step.lower(runner.states, *runner.transition()).compile().as_text()
     module_name = re.match(r"HloModule (\S+),", hlo).group(1)
     space = jax.profiler.ProfileData.from_file(str(next(Path(trace_dir).rglob("*.xplane.pb"))))
     times, counts = collections.Counter(), collections.Counter()

@@ -53,6 +53,7 @@ frees for the next call instead of page-faulting it in again); --default-malloc 
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import re
@@ -60,7 +61,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import gymnasium as gym
 import jax
@@ -157,9 +160,36 @@ def matmul_gflops(seconds: float = 3.0) -> float:
     return best
 
 
-def synthetic_agent(module, args, rng):
-    """A fresh agent whose buffer already holds FILLED random transitions, stored with the script's buffer_add."""
-    agent = module.create_agent(args, jax.random.PRNGKey(0), OBS_DIM, ACTION_DIM)
+class ScriptFunctions(NamedTuple):
+    jitted: NamedTuple  # the script's TrainFunctions: train_step, add_transition(s), evaluation_action
+    create_state: Callable  # key -> a fresh agent state
+    update_critic: Callable  # the pieces of train_step, not jitted: (state, batch, key)
+    update_actor_and_alpha: Callable  # (policy_state, log_alpha, alpha_opt_state, critic, obs, key)
+    sample_actions: Callable  # (params, batch_stats, obs, key, train)
+
+
+def script_functions(module, args) -> ScriptFunctions:
+    """A script's train step and its pieces at ACTION_DIM: its module-level functions, or the closure factory of a
+    revision from before them (a --baseline)."""
+    scale, bias = np.ones(ACTION_DIM), np.zeros(ACTION_DIM)
+    if not hasattr(module, "jit_train_functions"):
+        functions = module.make_train_functions(args, ACTION_DIM, scale, bias)
+        create = functools.partial(module.create_agent, args, obs_dim=OBS_DIM, action_dim=ACTION_DIM)
+        pieces = (functions.update_critic, functions.update_actor_and_alpha, functions.sample_actions)
+        return ScriptFunctions(functions, create, *pieces)
+    agent = module.make_agent(args, ACTION_DIM, scale, bias)
+    create = functools.partial(module.create_state, agent, obs_dim=OBS_DIM)
+    pieces = [
+        functools.partial(f, agent)
+        for f in (module.update_critic, module.update_actor_and_alpha, module.sample_actions)
+    ]
+    return ScriptFunctions(module.jit_train_functions(agent), create, *pieces)
+
+
+def synthetic_state(module, functions: ScriptFunctions, rng):
+    """A fresh agent state whose buffer already holds FILLED random transitions, stored with the script's
+    buffer_add."""
+    state = functions.create_state(jax.random.PRNGKey(0))
     transitions = (
         rng.normal(size=(FILLED, OBS_DIM)).astype(np.float32),
         rng.uniform(-1, 1, size=(FILLED, ACTION_DIM)).astype(np.float32),
@@ -172,7 +202,7 @@ def synthetic_agent(module, args, rng):
         return module.buffer_add(buffer, obs, action, reward, next_obs, jnp.float32(0), jnp.bool_(False)), None
 
     fill = jax.jit(lambda buffer, transitions: jax.lax.scan(add, buffer, transitions)[0], donate_argnums=0)
-    return agent.replace(buffer=fill(agent.buffer, transitions))
+    return state.replace(buffer=fill(state.buffer, transitions))
 
 
 def random_transition(rng):
@@ -191,8 +221,9 @@ class FusedRunner:
     """The script's own loop body: one jitted call per environment step, for args.num_seeds agents at once."""
 
     def __init__(self, module, args, rng):
-        self.functions = module.make_train_functions(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM))
-        self.agents = [synthetic_agent(module, args, rng) for _ in range(args.num_seeds)]
+        self.pieces = script_functions(module, args)
+        self.functions = self.pieces.jitted
+        self.states = [synthetic_state(module, self.pieces, rng) for _ in range(args.num_seeds)]
         self.args, self.num_seeds, self.rng = args, args.num_seeds, rng
 
     def transition(self):
@@ -202,7 +233,7 @@ class FusedRunner:
         return (*stacked, stacked[3])
 
     def step(self):
-        self.agents, (action, _, _) = self.functions.train_step(self.agents, *self.transition())
+        self.states, (action, _, _) = self.functions.train_step(self.states, *self.transition())
         return np.asarray(action)
 
 
@@ -212,8 +243,8 @@ class ReferenceRunner:
 
     def __init__(self, module, args, rng):
         self.args = args
-        functions = module.make_train_functions(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM))
-        self.agent = module.create_agent(args, jax.random.PRNGKey(0), OBS_DIM, ACTION_DIM)
+        functions = script_functions(module, args)
+        self.agent = functions.create_state(jax.random.PRNGKey(0))
         self.agent = self.agent.replace(buffer=module.create_buffer(1, OBS_DIM, ACTION_DIM))  # unused on device
         self.update_critic = jax.jit(functions.update_critic)
         self.update_actor = jax.jit(functions.update_actor_and_alpha)
@@ -266,11 +297,11 @@ def flops_per_update(args, fused: FusedRunner) -> float:
         analysis = compiled.cost_analysis()
         return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
 
-    whole = flops(fused.functions.train_step.lower(fused.agents, *fused.transition()).compile()) / len(fused.agents)
-    agent = fused.agents[0]
+    whole = flops(fused.functions.train_step.lower(fused.states, *fused.transition()).compile()) / len(fused.states)
+    agent = fused.states[0]
     obs = jnp.zeros((args.batch_size, OBS_DIM), jnp.float32)
     actor = flops(
-        jax.jit(fused.functions.update_actor_and_alpha)
+        jax.jit(fused.pieces.update_actor_and_alpha)
         .lower(agent.policy, agent.log_alpha, agent.alpha_opt_state, agent.critic, obs, jax.random.PRNGKey(0))
         .compile()
     )

@@ -30,6 +30,7 @@ SAC, CrossQ style (no target network; BatchRenorm in critic and actor input):
 docs/design.md explains the choices (σ's bound, the target entropy, the replay buffer's layout, speed).
 """
 
+import functools
 import math
 import os
 import time
@@ -390,10 +391,28 @@ class AgentState:
     actor_metrics: dict  # the latest actor/α losses, reported between delayed actor updates
 
 
-def make_networks(args: Args, action_dim: int):
+@dataclass(frozen=True)
+class SACFlow:
+    """What the train step closes over: the networks, α's optimizer, the action bounds and the settings."""
+
+    policy: FlowPolicy
+    q_network: QNetwork
+    alpha_optimizer: optax.GradientTransformation
+    action_scale: jax.Array
+    action_bias: jax.Array
+    args: Args
+
+
+def make_agent(args: Args, action_dim: int, action_scale, action_bias) -> SACFlow:
     velocity = VelocityNet(action_dim, args.velocity_hidden)
-    policy = FlowPolicy(velocity, action_dim, args.flow_steps, args.noise_std, args.renorm_warmup_steps)
-    return policy, QNetwork(args.critic_hidden, args.renorm_warmup_steps)
+    return SACFlow(
+        policy=FlowPolicy(velocity, action_dim, args.flow_steps, args.noise_std, args.renorm_warmup_steps),
+        q_network=QNetwork(args.critic_hidden, args.renorm_warmup_steps),
+        alpha_optimizer=make_optimizers(args, action_dim)[2],
+        action_scale=jnp.asarray(action_scale, jnp.float32),
+        action_bias=jnp.asarray(action_bias, jnp.float32),
+        args=args,
+    )
 
 
 def initial_alpha(args: Args, action_dim: int) -> float:
@@ -411,25 +430,26 @@ def make_optimizers(args: Args, action_dim: int):
     return optax.adam(args.policy_lr, b1=args.adam_beta1), optax.adam(args.q_lr, b1=args.adam_beta1), alpha_optimizer
 
 
-def create_agent(args: Args, key, obs_dim: int, action_dim: int) -> AgentState:
-    policy, q_network = make_networks(args, action_dim)
+def create_state(agent: SACFlow, key, obs_dim: int) -> AgentState:
+    args, action_dim = agent.args, agent.action_scale.shape[0]
     key, policy_key, critic_key = jax.random.split(key, 3)
     obs = jnp.zeros((1, obs_dim), jnp.float32)
     action = jnp.zeros((1, action_dim), jnp.float32)
     step_noise = jnp.zeros((args.flow_steps, 1, action_dim), jnp.float32)
-    policy_vars = policy.init(policy_key, obs, action, step_noise, train=False)
-    critic_vars = jax.vmap(lambda k: q_network.init(k, obs, action, train=False))(jax.random.split(critic_key, 2))
+    policy_vars = agent.policy.init(policy_key, obs, action, step_noise, train=False)
+    init_critic = jax.vmap(lambda k: agent.q_network.init(k, obs, action, train=False))
+    critic_vars = init_critic(jax.random.split(critic_key, 2))
     log_alpha = jnp.asarray(math.log(initial_alpha(args, action_dim)), jnp.float32)
-    policy_optimizer, critic_optimizer, alpha_optimizer = make_optimizers(args, action_dim)
+    policy_optimizer, critic_optimizer, _ = make_optimizers(args, action_dim)
     actor_metric_names = ["losses/actor_loss", "losses/alpha_loss", "losses/entropy"]
     actor_metric_names += ["policy/sigma", "policy/tanh_saturation"]
     if args.log_grad_norms:  # one per flow step k = 0..K−1, and the parameters'
         actor_metric_names += [f"grad/actor_wrt_A_k{k}" for k in range(args.flow_steps)] + ["grad/actor_params"]
     return AgentState(
-        policy=renorm_train_state(policy, policy_vars, policy_optimizer),
-        critic=renorm_train_state(q_network, critic_vars, critic_optimizer),
+        policy=renorm_train_state(agent.policy, policy_vars, policy_optimizer),
+        critic=renorm_train_state(agent.q_network, critic_vars, critic_optimizer),
         log_alpha=log_alpha,
-        alpha_opt_state=alpha_optimizer.init(log_alpha),
+        alpha_opt_state=agent.alpha_optimizer.init(log_alpha),
         buffer=create_buffer(args.buffer_size, obs_dim, action_dim),
         key=key,
         critic_updates=jnp.zeros((), jnp.int32),
@@ -461,168 +481,174 @@ def alpha_loss(log_alpha, log_prob, target_entropy: float):
     return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
 
 
+def rollout(
+    agent: SACFlow, params, batch_stats, obs, initial_noise, step_noise, train: bool, action_perturbations=None
+):
+    """The flow rollout and its squash: (action, log π(a|s), the policy's BatchRenorm statistics, σ)."""
+    variables, mutable = {"params": params, "batch_stats": batch_stats}, ["batch_stats"] if train else []
+    (path, sigma, log_prob), updates = agent.policy.apply(
+        variables, obs, initial_noise, step_noise, train, action_perturbations, mutable=mutable
+    )
+    action, log_det = squash(path[-1], agent.action_scale, agent.action_bias)
+    return action, log_prob - log_det, updates.get("batch_stats", batch_stats), sigma
+
+
+def sample_actions(agent: SACFlow, params, batch_stats, obs, key, train: bool, action_perturbations=None):
+    action_dim, flow_steps = agent.action_scale.shape[0], agent.args.flow_steps
+    initial_key, step_key = jax.random.split(key)
+    initial_noise = jax.random.normal(initial_key, (obs.shape[0], action_dim))
+    step_noise = jax.random.normal(step_key, (flow_steps, obs.shape[0], action_dim))
+    return rollout(agent, params, batch_stats, obs, initial_noise, step_noise, train, action_perturbations)
+
+
+def critic_values(q_network: nn.Module, params, batch_stats, obs, action, train: bool):
+    """Q_i(s, a) of both ensemble members, shape (2, batch), and their (updated) statistics."""
+
+    def one_critic(p, s):
+        mutable = ["batch_stats"] if train else []
+        q, updates = q_network.apply({"params": p, "batch_stats": s}, obs, action, train, mutable=mutable)
+        return q, updates.get("batch_stats", s)
+
+    return jax.vmap(one_critic)(params, batch_stats)
+
+
+def update_critic(agent: SACFlow, state: AgentState, batch, key):
+    obs, actions, rewards, terminations, next_obs = batch
+    alpha = jnp.exp(state.log_alpha)
+    policy = state.policy
+    next_actions, next_log_prob, _, _ = sample_actions(
+        agent, policy.params, policy.batch_stats, next_obs, key, train=False
+    )
+    # CrossQ: current and next pairs share one training-mode batch, so both see the same statistics.
+    both_obs, both_actions = jnp.concatenate([obs, next_obs]), jnp.concatenate([actions, next_actions])
+
+    def critic_loss_fn(params):
+        q, batch_stats = critic_values(
+            agent.q_network, params, state.critic.batch_stats, both_obs, both_actions, train=True
+        )
+        q_current, q_next = jnp.split(q, 2, axis=1)
+        next_q = jax.lax.stop_gradient(q_next.min(axis=0))
+        target = td_target(rewards, terminations, next_q, next_log_prob, alpha, agent.args.gamma)
+        loss = ((q_current - target) ** 2).mean(axis=1).sum()
+        return loss, (batch_stats, q_current.mean())
+
+    (qf_loss, (batch_stats, q_mean)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(state.critic.params)
+    critic = state.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+    return critic, {"losses/qf_loss": qf_loss, "losses/qf_values": q_mean}
+
+
+def actor_gradient_norms(agent: SACFlow, params, batch_stats, critic, obs, key, alpha):
+    """--log-grad-norms: grad/actor_wrt_A_k<k> = mean_i ‖∂ℓ_i/∂A_k‖₂ (ℓ_i: sample i's actor loss, later noises
+    fixed), the gradient backpropagation carries back to flow step k, and grad/actor_params = ‖∂L_π/∂θ_v‖₂.
+    A separate pass with the update's parameters, noise and batch (docs/design.md#gradient-norms)."""
+    batch_size, action_dim, flow_steps = obs.shape[0], agent.action_scale.shape[0], agent.args.flow_steps
+
+    def summed_actor_loss(params, action_perturbations):
+        actions, log_prob, _, _ = sample_actions(
+            agent, params, batch_stats, obs, key, train=True, action_perturbations=action_perturbations
+        )
+        q, _ = critic_values(agent.q_network, critic.params, critic.batch_stats, obs, actions, train=False)
+        return jnp.sum(alpha * log_prob - q.min(axis=0))
+
+    zero_perturbations = jnp.zeros((flow_steps, batch_size, action_dim), jnp.float32)
+    param_grads, action_grads = jax.grad(summed_actor_loss, argnums=(0, 1))(params, zero_perturbations)
+    per_step_norms = jnp.linalg.norm(action_grads, axis=-1).mean(axis=1)  # (K,)
+    metrics = {f"grad/actor_wrt_A_k{k}": per_step_norms[k] for k in range(flow_steps)}
+    metrics["grad/actor_params"] = optax.global_norm(param_grads["velocity"]) / batch_size
+    return metrics
+
+
+def update_actor_and_alpha(agent: SACFlow, policy_state, log_alpha, alpha_opt_state, critic, obs, key):
+    alpha = jnp.exp(log_alpha)
+    grad_metrics = {}
+    if agent.args.log_grad_norms:  # a Python branch: without the flag nothing of the diagnostic is traced or compiled
+        params, batch_stats = policy_state.params, policy_state.batch_stats
+        grad_metrics = actor_gradient_norms(agent, params, batch_stats, critic, obs, key, alpha)
+
+    def actor_loss_fn(params):
+        actions, log_prob, batch_stats, sigma = sample_actions(agent, params, policy_state.batch_stats, obs, key, True)
+        q, _ = critic_values(agent.q_network, critic.params, critic.batch_stats, obs, actions, train=False)
+        return jnp.mean(alpha * log_prob - q.min(axis=0)), (batch_stats, log_prob, actions, sigma)
+
+    actor_loss_and_grad = jax.value_and_grad(actor_loss_fn, has_aux=True)
+    (actor_loss, (batch_stats, log_prob, actions, sigma)), grads = actor_loss_and_grad(policy_state.params)
+    policy_state = policy_state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
+    alpha_loss_value, alpha_grad = jax.value_and_grad(alpha_loss)(log_alpha, log_prob, agent.args.target_entropy)
+    if agent.args.autotune:
+        alpha_updates, alpha_opt_state = agent.alpha_optimizer.update(alpha_grad, alpha_opt_state)
+        log_alpha = optax.apply_updates(log_alpha, alpha_updates)
+    saturated = jnp.abs(actions - agent.action_bias) > SATURATED * agent.action_scale
+    metrics = {
+        "losses/actor_loss": actor_loss,
+        "losses/alpha_loss": alpha_loss_value,
+        "losses/entropy": -log_prob.mean(),
+        # The path entropy is K Σ_j log σ_j plus constants and the tanh term: these two say which one moves it.
+        "policy/sigma": jnp.exp(jnp.log(sigma).mean()),  # geometric mean over states and action dimensions
+        "policy/tanh_saturation": jnp.mean(saturated),
+    }
+    return policy_state, log_alpha, alpha_opt_state, {**metrics, **grad_metrics}
+
+
+def train_step(agent: SACFlow, state: AgentState, obs, action, reward, next_obs, terminated, episode_end, policy_obs):
+    """Stores the transition, updates the critic (every `policy_delay` calls the actor and α too) and returns the
+    action for the next observation, the losses and whether every loss and parameter is finite."""
+    buffer = buffer_add(state.buffer, obs, action, reward, next_obs, terminated, episode_end)
+    key, batch_key, target_key, actor_key, action_key = jax.random.split(state.key, 5)
+    batch = buffer_sample(buffer, batch_key, agent.args.batch_size)
+    critic, critic_metrics = update_critic(agent, state, batch, target_key)
+    critic_updates = state.critic_updates + 1
+    policy_state, log_alpha, alpha_opt_state, actor_metrics = jax.lax.cond(
+        critic_updates % agent.args.policy_delay == 0,
+        lambda: update_actor_and_alpha(
+            agent, state.policy, state.log_alpha, state.alpha_opt_state, critic, batch[0], actor_key
+        ),
+        lambda: (state.policy, state.log_alpha, state.alpha_opt_state, state.actor_metrics),
+    )
+    next_action, _, _, _ = sample_actions(
+        agent, policy_state.params, policy_state.batch_stats, policy_obs[None], action_key, False
+    )
+    state = AgentState(policy_state, critic, log_alpha, alpha_opt_state, buffer, key, critic_updates, actor_metrics)
+    metrics = {**critic_metrics, **actor_metrics, "losses/alpha": jnp.exp(log_alpha)}
+    finite = [jnp.isfinite(v) for v in metrics.values()]
+    finite += [jnp.isfinite(x).all() for x in jax.tree.leaves((policy_state.params, critic.params))]
+    return state, (next_action[0], metrics, jnp.all(jnp.stack(finite)))
+
+
+def add_transition(state: AgentState, obs, action, reward, next_obs, terminated, episode_end):
+    return state.replace(buffer=buffer_add(state.buffer, obs, action, reward, next_obs, terminated, episode_end)), None
+
+
+def add_transitions(state: AgentState, *block):  # buffer_add over a block of transitions, in one lax.scan
+    buffer, _ = jax.lax.scan(lambda b, transition: (buffer_add(b, *transition), None), state.buffer, block)
+    return state.replace(buffer=buffer), None
+
+
+def evaluation_action(agent: SACFlow, params, batch_stats, obs, key):
+    """Deterministic action: ε = 0 at every flow step; A_0 sampled unless --eval-zero-initial-noise."""
+    action_dim, flow_steps = agent.action_scale.shape[0], agent.args.flow_steps
+    initial_noise = jax.random.normal(key, (1, action_dim))
+    if agent.args.eval_zero_initial_noise:
+        initial_noise = jnp.zeros_like(initial_noise)
+    step_noise = jnp.zeros((flow_steps, 1, action_dim))
+    action, _, _, _ = rollout(agent, params, batch_stats, obs[None], initial_noise, step_noise, train=False)
+    return action[0]
+
+
 class TrainFunctions(NamedTuple):
-    train_step: Callable  # jitted, over seeds: the one call per environment step once learning has started
-    add_transition: Callable  # jitted, over seeds: stores one transition, or a block of them (random actions)
+    train_step: Callable  # over seeds: the one call per environment step once learning has started
+    add_transition: Callable  # over seeds: stores one transition, or a block of them (random actions)
     add_transitions: Callable
-    evaluation_action: Callable  # jitted, one agent: the deterministic action (ε = 0)
-    update_critic: Callable  # the pieces of train_step, not jitted (bench/speed.py times them)
-    update_actor_and_alpha: Callable
-    sample_actions: Callable
+    evaluation_action: Callable  # one agent: the deterministic action (ε = 0)
 
 
-def make_train_functions(args: Args, action_dim: int, action_scale, action_bias) -> TrainFunctions:
-    """`train_step` stores the transition, updates the critic (every `policy_delay` calls the actor and α too) and
-    returns the action for the next observation; the other functions are its pieces."""
-    policy, q_network = make_networks(args, action_dim)
-    action_scale = jnp.asarray(action_scale, jnp.float32)
-    action_bias = jnp.asarray(action_bias, jnp.float32)
-    alpha_optimizer = make_optimizers(args, action_dim)[2]
-
-    def rollout(params, batch_stats, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
-        """The flow rollout and its squash: (action, log π(a|s), the policy's BatchRenorm statistics, σ)."""
-        variables, mutable = {"params": params, "batch_stats": batch_stats}, ["batch_stats"] if train else []
-        (path, sigma, log_prob), updates = policy.apply(
-            variables, obs, initial_noise, step_noise, train, action_perturbations, mutable=mutable
-        )
-        action, log_det = squash(path[-1], action_scale, action_bias)
-        return action, log_prob - log_det, updates.get("batch_stats", batch_stats), sigma
-
-    def sample_actions(params, batch_stats, obs, key, train: bool, action_perturbations=None):
-        initial_key, step_key = jax.random.split(key)
-        initial_noise = jax.random.normal(initial_key, (obs.shape[0], action_dim))
-        step_noise = jax.random.normal(step_key, (args.flow_steps, obs.shape[0], action_dim))
-        return rollout(params, batch_stats, obs, initial_noise, step_noise, train, action_perturbations)
-
-    def critic_values(params, batch_stats, obs, action, train: bool):
-        """Q_i(s, a) of both ensemble members, shape (2, batch), and their (updated) statistics."""
-
-        def one_critic(p, s):
-            mutable = ["batch_stats"] if train else []
-            q, updates = q_network.apply({"params": p, "batch_stats": s}, obs, action, train, mutable=mutable)
-            return q, updates.get("batch_stats", s)
-
-        return jax.vmap(one_critic)(params, batch_stats)
-
-    def update_critic(agent: AgentState, batch, key):
-        obs, actions, rewards, terminations, next_obs = batch
-        alpha = jnp.exp(agent.log_alpha)
-        policy = agent.policy
-        next_actions, next_log_prob, _, _ = sample_actions(
-            policy.params, policy.batch_stats, next_obs, key, train=False
-        )
-        # CrossQ: current and next pairs share one training-mode batch, so both see the same statistics.
-        both_obs, both_actions = jnp.concatenate([obs, next_obs]), jnp.concatenate([actions, next_actions])
-
-        def critic_loss_fn(params):
-            q, batch_stats = critic_values(params, agent.critic.batch_stats, both_obs, both_actions, train=True)
-            q_current, q_next = jnp.split(q, 2, axis=1)
-            next_q = jax.lax.stop_gradient(q_next.min(axis=0))
-            target = td_target(rewards, terminations, next_q, next_log_prob, alpha, args.gamma)
-            loss = ((q_current - target) ** 2).mean(axis=1).sum()
-            return loss, (batch_stats, q_current.mean())
-
-        (qf_loss, (batch_stats, q_mean)), grads = jax.value_and_grad(critic_loss_fn, has_aux=True)(agent.critic.params)
-        critic = agent.critic.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
-        return critic, {"losses/qf_loss": qf_loss, "losses/qf_values": q_mean}
-
-    def actor_gradient_norms(params, batch_stats, critic, obs, key, alpha):
-        """--log-grad-norms: grad/actor_wrt_A_k<k> = mean_i ‖∂ℓ_i/∂A_k‖₂ (ℓ_i: sample i's actor loss, later noises
-        fixed), the gradient backpropagation carries back to flow step k, and grad/actor_params = ‖∂L_π/∂θ_v‖₂.
-        A separate pass with the update's parameters, noise and batch (docs/design.md#gradient-norms)."""
-        batch_size = obs.shape[0]
-
-        def summed_actor_loss(params, action_perturbations):
-            actions, log_prob, _, _ = sample_actions(
-                params, batch_stats, obs, key, train=True, action_perturbations=action_perturbations
-            )
-            q, _ = critic_values(critic.params, critic.batch_stats, obs, actions, train=False)
-            return jnp.sum(alpha * log_prob - q.min(axis=0))
-
-        zero_perturbations = jnp.zeros((args.flow_steps, batch_size, action_dim), jnp.float32)
-        param_grads, action_grads = jax.grad(summed_actor_loss, argnums=(0, 1))(params, zero_perturbations)
-        per_step_norms = jnp.linalg.norm(action_grads, axis=-1).mean(axis=1)  # (K,)
-        metrics = {f"grad/actor_wrt_A_k{k}": per_step_norms[k] for k in range(args.flow_steps)}
-        metrics["grad/actor_params"] = optax.global_norm(param_grads["velocity"]) / batch_size
-        return metrics
-
-    def update_actor_and_alpha(policy_state, log_alpha, alpha_opt_state, critic, obs, key):
-        alpha = jnp.exp(log_alpha)
-        grad_metrics = {}
-        if args.log_grad_norms:  # a Python branch: without the flag nothing of the diagnostic is traced or compiled
-            grad_metrics = actor_gradient_norms(policy_state.params, policy_state.batch_stats, critic, obs, key, alpha)
-
-        def actor_loss_fn(params):
-            actions, log_prob, batch_stats, sigma = sample_actions(params, policy_state.batch_stats, obs, key, True)
-            q, _ = critic_values(critic.params, critic.batch_stats, obs, actions, train=False)
-            return jnp.mean(alpha * log_prob - q.min(axis=0)), (batch_stats, log_prob, actions, sigma)
-
-        actor_loss_and_grad = jax.value_and_grad(actor_loss_fn, has_aux=True)
-        (actor_loss, (batch_stats, log_prob, actions, sigma)), grads = actor_loss_and_grad(policy_state.params)
-        policy_state = policy_state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
-        alpha_loss_value, alpha_grad = jax.value_and_grad(alpha_loss)(log_alpha, log_prob, args.target_entropy)
-        if args.autotune:
-            alpha_updates, alpha_opt_state = alpha_optimizer.update(alpha_grad, alpha_opt_state)
-            log_alpha = optax.apply_updates(log_alpha, alpha_updates)
-        metrics = {
-            "losses/actor_loss": actor_loss,
-            "losses/alpha_loss": alpha_loss_value,
-            "losses/entropy": -log_prob.mean(),
-            # The path entropy is K Σ_j log σ_j plus constants and the tanh term: these two say which one moves it.
-            "policy/sigma": jnp.exp(jnp.log(sigma).mean()),  # geometric mean over states and action dimensions
-            "policy/tanh_saturation": jnp.mean(jnp.abs(actions - action_bias) > SATURATED * action_scale),
-        }
-        return policy_state, log_alpha, alpha_opt_state, {**metrics, **grad_metrics}
-
-    def train_step(agent: AgentState, obs, action, reward, next_obs, terminated, episode_end, policy_obs):
-        buffer = buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end)
-        key, batch_key, target_key, actor_key, action_key = jax.random.split(agent.key, 5)
-        batch = buffer_sample(buffer, batch_key, args.batch_size)
-        critic, critic_metrics = update_critic(agent, batch, target_key)
-        critic_updates = agent.critic_updates + 1
-        policy_state, log_alpha, alpha_opt_state, actor_metrics = jax.lax.cond(
-            critic_updates % args.policy_delay == 0,
-            lambda: update_actor_and_alpha(
-                agent.policy, agent.log_alpha, agent.alpha_opt_state, critic, batch[0], actor_key
-            ),
-            lambda: (agent.policy, agent.log_alpha, agent.alpha_opt_state, agent.actor_metrics),
-        )
-        next_action, _, _, _ = sample_actions(
-            policy_state.params, policy_state.batch_stats, policy_obs[None], action_key, False
-        )
-        agent = AgentState(policy_state, critic, log_alpha, alpha_opt_state, buffer, key, critic_updates, actor_metrics)
-        metrics = {**critic_metrics, **actor_metrics, "losses/alpha": jnp.exp(log_alpha)}
-        finite = [jnp.isfinite(v) for v in metrics.values()]
-        finite += [jnp.isfinite(x).all() for x in jax.tree.leaves((policy_state.params, critic.params))]
-        all_finite = jnp.all(jnp.stack(finite))
-        return agent, (next_action[0], metrics, all_finite)
-
-    def add_transition(agent: AgentState, obs, action, reward, next_obs, terminated, episode_end):
-        buffer = buffer_add(agent.buffer, obs, action, reward, next_obs, terminated, episode_end)
-        return agent.replace(buffer=buffer), None
-
-    def add_transitions(agent: AgentState, *block):  # buffer_add over a block of transitions, in one lax.scan
-        buffer, _ = jax.lax.scan(lambda b, transition: (buffer_add(b, *transition), None), agent.buffer, block)
-        return agent.replace(buffer=buffer), None
-
-    def evaluation_action(params, batch_stats, obs, key):
-        """Deterministic action: ε = 0 at every flow step; A_0 sampled unless --eval-zero-initial-noise."""
-        initial_noise = jax.random.normal(key, (1, action_dim))
-        if args.eval_zero_initial_noise:
-            initial_noise = jnp.zeros_like(initial_noise)
-        step_noise = jnp.zeros((args.flow_steps, 1, action_dim))
-        action, _, _, _ = rollout(params, batch_stats, obs[None], initial_noise, step_noise, train=False)
-        return action[0]
-
-    # Over a list of --num-seeds agents (inputs and outputs with a leading seed axis); donated: buffers change in place.
+def jit_train_functions(agent: SACFlow) -> TrainFunctions:
+    """The functions the loop calls, jitted, over a list of --num-seeds states (inputs and outputs with a leading seed
+    axis); the states are donated, so that the replay buffers change in place."""
     return TrainFunctions(
-        train_step=jax.jit(batching.over_seeds(train_step), donate_argnums=0),
+        train_step=jax.jit(batching.over_seeds(functools.partial(train_step, agent)), donate_argnums=0),
         add_transition=jax.jit(batching.over_seeds(add_transition), donate_argnums=0),
         add_transitions=jax.jit(batching.over_seeds(add_transitions), donate_argnums=0),
-        evaluation_action=jax.jit(evaluation_action),
-        update_critic=update_critic,
-        update_actor_and_alpha=update_actor_and_alpha,
-        sample_actions=sample_actions,
+        evaluation_action=jax.jit(functools.partial(evaluation_action, agent)),
     )
 
 
@@ -674,29 +700,30 @@ def main():
         for seed, run_dir in zip(seeds, run_dirs)
     ]
     obs_dim, action_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
+    agent = make_agent(args, action_dim, action_scale, action_bias)
     keys = [jax.random.split(jax.random.PRNGKey(seed)) for seed in seeds]
     eval_keys = [eval_key for _, eval_key in keys]
     obs = np.stack([env.reset()[0] for env in envs])
     actions = np.stack([env.action_space.sample() for env in envs])
     if checkpoint is None:
-        agents = [create_agent(args, key, obs_dim, action_dim) for key, _ in keys]
+        states = [create_state(agent, key, obs_dim) for key, _ in keys]
     else:
         restored = gym_tasks.restore_gym_mujoco_state(envs[0], eval_envs[0], checkpoint.get("environment", {}))
         if restored is not None:
             obs, actions = restored[0][None], restored[1][None]
-        target = create_agent(args, keys[0][0], obs_dim, action_dim)
-        agent = checkpoints.restore_state(target, checkpoint["agent"], f"{args.resume}/checkpoint.flax")
+        target = create_state(agent, keys[0][0], obs_dim)
+        state = checkpoints.restore_state(target, checkpoint["agent"], f"{args.resume}/checkpoint.flax")
         # Unless the episode continues exactly, the interrupted one ends in the buffer as a truncation.
-        agents = [agent if restored is not None else agent.replace(buffer=buffer_end_episode(agent.buffer))]
-    functions = make_train_functions(args, action_dim, action_scale, action_bias)
+        states = [state if restored is not None else state.replace(buffer=buffer_end_episode(state.buffer))]
+    functions = jit_train_functions(agent)
     pending_transitions = []  # random-phase transitions, written to the device buffer in blocks (docs/design.md)
 
     def write_checkpoints():
-        nonlocal agents, checkpoint_step
-        agents = batching.store_transitions(agents, pending_transitions, functions)
+        nonlocal states, checkpoint_step
+        states = batching.store_transitions(states, pending_transitions, functions)
         for i, run_dir in enumerate(run_dirs):
             environment = gym_tasks.gym_mujoco_state(envs[i], eval_envs[i], obs[i], actions[i])
-            checkpoint = {"script": SCRIPT, "step": step, "wandb_id": wandb_ids[i], "agent": agents[i]}
+            checkpoint = {"script": SCRIPT, "step": step, "wandb_id": wandb_ids[i], "agent": states[i]}
             checkpoints.save_checkpoint(run_dir, {**checkpoint, "environment": environment})
         checkpoint_step = step
 
@@ -729,14 +756,14 @@ def main():
         transition = [np.asarray(x, np.float32) for x in (obs, actions, rewards, next_obs, terminations)]
         transition.append(np.asarray(episode_ends, np.bool_))
         if step >= args.learning_starts:
-            agents = batching.store_transitions(agents, pending_transitions, functions)
+            states = batching.store_transitions(states, pending_transitions, functions)
             policy_obs = np.asarray(policy_obs, np.float32)
-            agents, (actions, metrics, all_finite) = functions.train_step(agents, *transition, policy_obs)
+            states, (actions, metrics, all_finite) = functions.train_step(states, *transition, policy_obs)
             actions = np.asarray(actions)
             if not np.all(all_finite):
                 i = int(np.argmin(all_finite))
                 metrics_i = {key: value[i] for key, value in jax.device_get(metrics).items()}
-                policy, critic = agents[i].policy, agents[i].critic
+                policy, critic = states[i].policy, states[i].critic
                 parameters = {"policy parameters": policy.params, "critic parameters": critic.params}
                 runs.stop_on_divergence(run_dirs[i], step, metrics_i, parameters, checkpoint_step)
             if step % args.log_every == 0:
@@ -746,7 +773,7 @@ def main():
         else:
             pending_transitions.append(transition)
             if len(pending_transitions) == batching.RANDOM_BLOCK:
-                agents = batching.store_transitions(agents, pending_transitions, functions)
+                states = batching.store_transitions(states, pending_transitions, functions)
             actions = np.stack([env.action_space.sample() for env in envs])
         obs = np.stack(policy_obs)
 
@@ -761,10 +788,10 @@ def main():
         if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_timesteps):
             eval_start = time.time()
             eval_returns = []
-            for eval_env, logger, agent, eval_key in zip(eval_envs, loggers, agents, eval_keys):
+            for eval_env, logger, state, eval_key in zip(eval_envs, loggers, states, eval_keys):
                 key = jax.random.fold_in(eval_key, step)  # the same key at this step, resumed or not
                 evaluation = gym_tasks.evaluate_gym(
-                    eval_env, functions.evaluation_action, agent.policy, args.eval_episodes, key
+                    eval_env, functions.evaluation_action, state.policy, args.eval_episodes, key
                 )
                 eval_returns.append(evaluation)
                 logger.log(step, {"eval/episodic_return": eval_returns[-1]})
@@ -780,13 +807,13 @@ def main():
             close_all(exit_code=128 + stop["signal"])
             runs.exit_interrupted(stop["signal"], step, args.total_timesteps, checkpoint_step, run_dirs)
 
-    for agent, run_dir in zip(agents, run_dirs):
+    for state, run_dir in zip(states, run_dirs):
         if args.save_model:
-            policy, critic = agent.policy, agent.critic
+            policy, critic = state.policy, state.critic
             checkpoints.save_model(run_dir, args.exp_name, {
                 "policy": {"params": policy.params, "batch_stats": policy.batch_stats},
                 "critic": {"params": critic.params, "batch_stats": critic.batch_stats},
-                "log_alpha": agent.log_alpha,
+                "log_alpha": state.log_alpha,
             })  # fmt: skip
     close_all()
     print(f"done in {time.time() - start_time:.0f}s; logs in {', '.join(run_dirs)}")

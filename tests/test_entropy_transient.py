@@ -20,8 +20,9 @@ def entropies_on_a_quadratic_bandit(**options) -> np.ndarray:
     module = load_script("sac_flow_gru")
     args = module.Args(critic_hidden=64, batch_size=64, buffer_size=4096, velocity_hidden=32)
     args = dataclasses.replace(args, learning_starts=64, **options)
-    agents = [module.create_agent(args, jax.random.PRNGKey(0), OBS_DIM, ACTION_DIM)]
-    functions = module.make_train_functions(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM))
+    agent = module.make_agent(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM))
+    states = [module.create_state(agent, jax.random.PRNGKey(0), OBS_DIM)]
+    functions = module.jit_train_functions(agent)
     rng = np.random.default_rng(0)
 
     def transitions(n):  # obs, action, reward, next_obs, terminated, episode_end: one leading axis per seed
@@ -30,11 +31,11 @@ def entropies_on_a_quadratic_bandit(**options) -> np.ndarray:
         rewards = -(actions**2).sum(-1)
         return obs, actions, rewards, obs, np.ones((1, n), np.float32), np.ones((1, n), bool)
 
-    agents, _ = functions.add_transitions(agents, *transitions(1024))
+    states, _ = functions.add_transitions(states, *transitions(1024))
     entropies = []
     for _ in range(TRAIN_STEPS):
         one = [x[:, 0] for x in transitions(1)]
-        agents, (_, metrics, _) = functions.train_step(agents, *one, one[0])
+        states, (_, metrics, _) = functions.train_step(states, *one, one[0])
         entropies.append(float(metrics["losses/entropy"][0]))
     return np.asarray(entropies)
 

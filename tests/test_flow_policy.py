@@ -15,7 +15,7 @@ OBS_DIM, ACTION_DIM, BATCH, FLOW_STEPS = 5, 3, 7, 4
 
 def make_policy(module, noise_std: float):
     args = module.Args(flow_steps=FLOW_STEPS, noise_std=noise_std)
-    policy, _ = module.make_networks(args, ACTION_DIM)
+    policy = module.make_agent(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM)).policy
     rng = np.random.default_rng(0)
     obs = rng.normal(size=(BATCH, OBS_DIM)).astype(np.float32) * 3
     initial_noise = rng.normal(size=(BATCH, ACTION_DIM)).astype(np.float32)
@@ -152,7 +152,7 @@ def test_largest_path_entropy_matches_monte_carlo(script):
     module = load_script(script)
     sigma, scale = math.exp(module.LOG_SIGMA_MAX), np.array([0.4, 1.0, 2.0])
     args = module.Args(flow_steps=FLOW_STEPS, noise_std=sigma)
-    policy, _ = module.make_networks(args, ACTION_DIM)
+    policy = module.make_agent(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM)).policy
     rng = np.random.default_rng(3)
     batch = 20_000
     obs = rng.normal(size=(batch, OBS_DIM)).astype(np.float32)

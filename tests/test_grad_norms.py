@@ -88,30 +88,30 @@ def test_per_step_norms_match_the_jacobian_product_of_a_linear_flow(script):
     module.QNetwork = lambda *sizes: LinearCritic()
     flow_steps, batch, obs_dim, action_dim, sigma = 5, 16, 4, 3, 0.3
     args = module.Args(flow_steps=flow_steps, noise_std=sigma, batch_size=batch, buffer_size=64, log_grad_norms=True)
-    agent = module.create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
+    scale, shift = np.array([1.0, 2.0, 0.5]), np.array([0.0, 0.5, -0.2])
+    agent = module.make_agent(args, action_dim, scale, shift)
+    state = module.create_state(agent, jax.random.PRNGKey(0), obs_dim)
     rng = np.random.default_rng(0)
     # A contracting field keeps A_K where tanh is not saturated (float32 loses 1 − tanh² there); the adjoint
     # then shrinks about 0.7 times per step backwards, so the K norms differ.
     weight = -1.5 * np.eye(action_dim) + 0.5 * rng.normal(size=(action_dim, action_dim))
     bias = 0.3 * rng.normal(size=action_dim)
     params = {
-        **agent.policy.params,
+        **state.policy.params,
         "velocity": {"weight": jnp.asarray(weight, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)},
     }
-    policy_state = agent.policy.replace(params=params)
-    scale, shift = np.array([1.0, 2.0, 0.5]), np.array([0.0, 0.5, -0.2])
-    functions = module.make_train_functions(args, action_dim, scale, shift)
+    policy_state = state.policy.replace(params=params)
     obs = rng.normal(size=(batch, obs_dim)).astype(np.float32)
     key = jax.random.PRNGKey(3)
 
-    *_, metrics = functions.update_actor_and_alpha(
-        policy_state, agent.log_alpha, agent.alpha_opt_state, agent.critic, jnp.asarray(obs), key
+    *_, metrics = module.update_actor_and_alpha(
+        agent, policy_state, state.log_alpha, state.alpha_opt_state, state.critic, jnp.asarray(obs), key
     )
 
     initial_key, step_key = jax.random.split(key)  # the rollout noise of sample_actions
     initial_noise = np.asarray(jax.random.normal(initial_key, (batch, action_dim)), np.float64)
     step_noise = np.asarray(jax.random.normal(step_key, (flow_steps, batch, action_dim)), np.float64)
-    critic_params = agent.critic.params
+    critic_params = state.critic.params
     critic_weights = [
         (
             np.asarray(critic_params["action_weight"][m], np.float64),
@@ -127,7 +127,7 @@ def test_per_step_norms_match_the_jacobian_product_of_a_linear_flow(script):
         bias,
         sigma,
         critic_weights,
-        float(np.exp(np.float64(agent.log_alpha))),
+        float(np.exp(np.float64(state.log_alpha))),
         scale,
         shift,
     )

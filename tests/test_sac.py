@@ -22,7 +22,7 @@ sac = load_script("sac")
 def make_policy(log_std_gain: float):
     """A small policy with non-trivial running statistics; `log_std_gain` scales the log σ head's weights."""
     args = sac.Args(actor_hidden=32)
-    policy, _ = sac.make_networks(args, ACTION_DIM)
+    policy = sac.make_agent(args, ACTION_DIM, ACTION_SCALE, ACTION_BIAS).policy
     rng = np.random.default_rng(0)
     obs = (rng.normal(size=(BATCH, OBS_DIM)) * 3).astype(np.float32)
     noise = rng.normal(size=(BATCH, ACTION_DIM)).astype(np.float32)
@@ -79,7 +79,9 @@ def test_std_stays_in_bounds():
 def test_deterministic_action_is_squashed_mean():
     """Evaluation acts with a = scale · tanh(μ(s)) + bias, whatever key it is given."""
     args, _, variables, obs, _ = make_policy(log_std_gain=1.0)
-    evaluation_action = sac.make_train_functions(args, ACTION_DIM, ACTION_SCALE, ACTION_BIAS).evaluation_action
+    evaluation_action = sac.jit_train_functions(
+        sac.make_agent(args, ACTION_DIM, ACTION_SCALE, ACTION_BIAS)
+    ).evaluation_action
     mean, _ = mean_and_std_np(variables, obs.astype(np.float64))
     for i in range(4):
         got = evaluation_action(
@@ -98,16 +100,17 @@ def test_train_step_entropy_and_default_target_entropy():
     rng = np.random.default_rng(0)
     obs, next_obs = jnp.asarray(rng.normal(size=(2, OBS_DIM)), jnp.float32)
     action = jnp.asarray(rng.uniform(-1, 1, size=ACTION_DIM), jnp.float32)
-    agent = sac.create_agent(args, jax.random.PRNGKey(0), OBS_DIM, ACTION_DIM)
-    params = dict(agent.policy.params)
+    action_scale = np.full(ACTION_DIM, 100.0, np.float32)
+    agent = sac.make_agent(args, ACTION_DIM, action_scale, np.zeros(ACTION_DIM, np.float32))
+    state = sac.create_state(agent, jax.random.PRNGKey(0), OBS_DIM)
+    params = dict(state.policy.params)
     params["mean"] = {"kernel": jnp.zeros_like(params["mean"]["kernel"]), "bias": jnp.zeros(ACTION_DIM)}
     params["log_std"] = {"kernel": jnp.zeros_like(params["log_std"]["kernel"]), "bias": jnp.full(ACTION_DIM, -10.0)}
-    agent = agent.replace(policy=agent.policy.replace(params=params))
-    action_scale = np.full(ACTION_DIM, 100.0, np.float32)
-    train_step = sac.make_train_functions(args, ACTION_DIM, action_scale, np.zeros(ACTION_DIM, np.float32)).train_step
+    state = state.replace(policy=state.policy.replace(params=params))
+    train_step = sac.jit_train_functions(agent).train_step
     transition = (obs, action, jnp.float32(1), next_obs, jnp.float32(0), jnp.bool_(False), next_obs)
     one_seed = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], transition)  # a seed axis of 1
-    _, (_, metrics, _) = train_step([agent], *one_seed)
+    _, (_, metrics, _) = train_step([state], *one_seed)
     metrics = {key: value[0] for key, value in metrics.items()}
 
     entropy = float(metrics["losses/entropy"])

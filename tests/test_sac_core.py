@@ -14,7 +14,7 @@ from conftest import ALL_SCRIPTS, load_script
 from sac_flow_utils import batching
 
 # BatchRenorm, the replay buffer, the TD target and the α loss are the same text in every from-scratch script
-# (tests/test_siblings.py), so sac.py's copy is tested for all; make_train_functions is the same text in the three
+# (tests/test_siblings.py), so sac.py's copy is tested for all; the train step is the same text in the three
 # flow scripts, so Flow-G's stands for theirs; what compiles depends on each script's networks.
 ONE_COPY = pytest.mark.parametrize("script", ["sac"])
 EACH_TRAIN_STEP = pytest.mark.parametrize("script", ["sac", "sac_flow_gru"])
@@ -203,8 +203,8 @@ def test_train_step_compiles_once_and_learns_something(script):
     module = load_script(script)
     args = small_args(module, policy_delay=2)
     obs_dim, action_dim = 3, 2
-    agent = module.create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
-    functions = module.make_train_functions(args, action_dim, np.ones(2), np.zeros(2))
+    agent = module.make_agent(args, action_dim, np.ones(2), np.zeros(2))
+    functions = module.jit_train_functions(agent)
     train_step, add_transition, evaluation_action = (
         functions.train_step,
         functions.add_transition,
@@ -225,23 +225,23 @@ def test_train_step_compiles_once_and_learns_something(script):
     def one_seed(tree):  # the per-step inputs carry a leading axis of seeds
         return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
 
-    agents = [agent]
+    states = [module.create_state(agent, jax.random.PRNGKey(0), obs_dim)]
     for step in range(10):
-        agents, _ = add_transition(agents, *one_seed(transition(step)))
-    first_policy = jax.tree_util.tree_map(np.asarray, agents[0].policy.params)
+        states, _ = add_transition(states, *one_seed(transition(step)))
+    first_policy = jax.tree_util.tree_map(np.asarray, states[0].policy.params)
     for step in range(7):
-        agents, (action, metrics, all_finite) = train_step(
-            agents, *one_seed(transition(step)), jnp.zeros((1, obs_dim), jnp.float32)
+        states, (action, metrics, all_finite) = train_step(
+            states, *one_seed(transition(step)), jnp.zeros((1, obs_dim), jnp.float32)
         )
         assert bool(all_finite[0]) and action.shape == (1, action_dim)
-        policy = agents[0].policy
+        policy = states[0].policy
         evaluation_action(policy.params, policy.batch_stats, jnp.zeros(obs_dim, jnp.float32), jax.random.PRNGKey(step))
     assert train_step._cache_size() == 1
     assert add_transition._cache_size() == 1
     assert evaluation_action._cache_size() == 1
-    assert int(agents[0].critic_updates) == 7
+    assert int(states[0].critic_updates) == 7
     moved = jax.tree_util.tree_map(
-        lambda a, b: not np.allclose(a, b), first_policy, jax.tree_util.tree_map(np.asarray, agents[0].policy.params)
+        lambda a, b: not np.allclose(a, b), first_policy, jax.tree_util.tree_map(np.asarray, states[0].policy.params)
     )
     assert any(jax.tree_util.tree_leaves(moved))
     assert float(metrics["losses/alpha"][0]) != 0.2  # autotune moved α
@@ -256,11 +256,12 @@ def test_train_step_writes_the_replay_buffer_in_place(script):
     slots = 4096  # a size no other array of the step has
     args = small_args(module, buffer_size=slots)
     obs_dim, action_dim = 3, 2
-    agent = module.create_agent(args, jax.random.PRNGKey(0), obs_dim, action_dim)
-    train_step = module.make_train_functions(args, action_dim, np.ones(2), np.zeros(2)).train_step
+    agent = module.make_agent(args, action_dim, np.ones(2), np.zeros(2))
+    train_step = module.jit_train_functions(agent).train_step
+    state = module.create_state(agent, jax.random.PRNGKey(0), obs_dim)
     inputs = [np.zeros(obs_dim), np.zeros(action_dim), 0.0, np.zeros(obs_dim), 0.0, False, np.zeros(obs_dim)]
     inputs = [jnp.asarray(x, jnp.bool_ if isinstance(x, bool) else jnp.float32)[None] for x in inputs]
-    hlo = train_step.lower([agent], *inputs).compile().as_text()
+    hlo = train_step.lower([state], *inputs).compile().as_text()
     copied = re.findall(r"= (\w+)\[(\d+)[,\]]\S* copy\(", hlo)
     assert [dtype for dtype, rows in copied if int(rows) == slots and dtype != "pred"] == []
 
@@ -273,7 +274,8 @@ def test_random_phase_blocks_store_what_one_call_per_step_stores(script):
     module = load_script(script)
     args = small_args(module)
     obs_dim, action_dim, seeds, steps = 3, 2, 2, 150
-    functions = module.make_train_functions(args, action_dim, np.ones(2), np.zeros(2))
+    agent = module.make_agent(args, action_dim, np.ones(2), np.zeros(2))
+    functions = module.jit_train_functions(agent)
     rng = np.random.default_rng(0)
     transitions = [
         (
@@ -287,19 +289,19 @@ def test_random_phase_blocks_store_what_one_call_per_step_stores(script):
         for _ in range(steps)
     ]
 
-    def new_agents():
-        return [module.create_agent(args, jax.random.PRNGKey(seed), obs_dim, action_dim) for seed in range(seeds)]
+    def new_states():
+        return [module.create_state(agent, jax.random.PRNGKey(seed), obs_dim) for seed in range(seeds)]
 
-    one_by_one = new_agents()
+    one_by_one = new_states()
     for transition in transitions:
         one_by_one, _ = functions.add_transition(one_by_one, *transition)
     pending = list(transitions)
-    in_blocks = batching.store_transitions(new_agents(), pending, functions, block=40)  # 3 blocks, 30 single
+    in_blocks = batching.store_transitions(new_states(), pending, functions, block=40)  # 3 blocks, 30 single
     assert pending == []
     assert functions.add_transitions._cache_size() == 1
-    for expected, agent in zip(one_by_one, in_blocks):
+    for expected, state in zip(one_by_one, in_blocks):
         for field in ("rows", "is_transition", "transition_slots", "num_added", "num_valid", "position"):
-            np.testing.assert_array_equal(getattr(agent.buffer, field), getattr(expected.buffer, field), field)
+            np.testing.assert_array_equal(getattr(state.buffer, field), getattr(expected.buffer, field), field)
     assert int(in_blocks[0].buffer.num_added) == steps and not np.array_equal(
         in_blocks[0].buffer.rows, in_blocks[1].buffer.rows
     )

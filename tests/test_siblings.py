@@ -11,14 +11,15 @@ from conftest import FLOW_SCRIPTS, REPO
 
 # What the flow scripts of a folder may write differently: the velocity network and what sizes it.
 FLOW_DIFFERENCES = {
-    "from_scratch": {"Args", "VelocityNet", "make_networks", "check_args"},
+    "from_scratch": {"Args", "VelocityNet", "make_agent", "check_args"},
     "offline_to_online": {"Args", "VelocityNet", "make_agent", "check_args"},
 }
 # The baseline of each folder (Gaussian SAC, QC-FQL) shares the plumbing, not the policy or its updates.
 BASELINES = {
     "from_scratch": (
         "sac",
-        {"Args", "TrainFunctions", "check_args", "create_agent", "main", "make_networks", "make_train_functions"}
+        {"Args", "check_args", "main", "make_agent", "create_state", "jit_train_functions", "evaluation_action"}
+        | {"sample_actions", "update_critic", "update_actor_and_alpha", "train_step"}  # a Gaussian policy's
         | {"squash"}  # a Gaussian's squash also returns the pre-tanh mean
         | {"make_optimizers"},  # Gaussian SAC keeps Adam for log α (cleanrl's); the flows' default is docs/entropy.md
     ),

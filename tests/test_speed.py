@@ -24,7 +24,7 @@ def test_baseline_of_head_is_its_own_module_read_from_git(tmp_path):
     assert (tmp_path / "sac.py").read_bytes() == git(REPO, "show", "HEAD:from_scratch/sac.py")
     assert baseline.__file__ == str(tmp_path / "sac.py") and working.__file__ == str(FROM_SCRATCH / "sac.py")
     assert baseline.__name__ != working.__name__
-    assert baseline.Args is not working.Args and baseline.make_train_functions is not working.make_train_functions
+    assert baseline.Args is not working.Args and baseline.td_target is not working.td_target
     assert baseline.Args().exp_name == "sac"  # the scripts name their runs after their file, kept in the copy
 
 

@@ -68,7 +68,7 @@ def whole_velocity(net, state, action, time_features):
 
 
 def test_flow_g_gate_starts_at_sigmoid_5():
-    policy, _ = gru.make_networks(gru.Args(), ACTION_DIM)  # default sizes: one hidden layer of 512
+    policy = gru.make_agent(gru.Args(), ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM)).policy  # default sizes
     state, action, _ = random_inputs()
     variables = policy.init(
         jax.random.PRNGKey(0), state, action, np.zeros((4, BATCH, ACTION_DIM), np.float32), train=False
