@@ -36,7 +36,6 @@ docs/design.md explains the choices (σ's bound, the target entropy, the replay 
 import functools
 import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -49,7 +48,8 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
-from sac_flow_utils import batching, checkpoints, cli, gym_tasks, runs
+from sac_flow_utils import batching, cli, runs
+from sac_flow_utils.gym_run import GymRun
 
 
 @dataclass
@@ -724,149 +724,32 @@ def main():
     runs.reuse_freed_memory()
     args, checkpoint = cli.parse_args(Args, SCRIPT)
     check_args(args)
-    seeds = [args.seed + i for i in range(args.num_seeds)]
-    start_step = 0 if checkpoint is None else int(checkpoint["step"])
-    if start_step >= args.total_timesteps:
-        raise SystemExit(f"error: {args.resume} is at step {start_step} already; give a larger --total-timesteps")
-    # A resumed run's environments are seeded anew; a MuJoCo task's checkpoint then puts its episode back exactly.
-    envs = [gym_tasks.make_gym_env(args.env_id, seed + start_step) for seed in seeds]
-    action_scale = (envs[0].action_space.high - envs[0].action_space.low) / 2
-    action_bias = (envs[0].action_space.high + envs[0].action_space.low) / 2
-    largest = max_path_entropy(action_scale, args.flow_steps, args.noise_std or math.exp(LOG_SIGMA_MAX))
+    run = GymRun(args, SCRIPT, checkpoint)
+    largest = max_path_entropy(run.action_scale, args.flow_steps, args.noise_std or math.exp(LOG_SIGMA_MAX))
     if args.autotune and args.target_entropy >= largest:  # α would grow without bound
         raise SystemExit(
             f"error: --target-entropy {args.target_entropy} is not below the largest path entropy the policy can reach "
             f"on {args.env_id} with K = {args.flow_steps} and its σ bound, {largest:.1f}: lower it (or raise --noise-std)"
         )
-    run_dirs, wandb_ids, loggers, locks = runs.open_runs(args, args.env_id, seeds, checkpoint)
-    video_folder = "videos" if start_step == 0 else f"videos_from_step_{start_step}"
-    eval_envs = [
-        gym_tasks.make_gym_env(
-            args.env_id,
-            seed + 1 + start_step,
-            os.path.join(run_dir, video_folder) if args.capture_video else None,
-            max(args.eval_episodes, 1),
-        )
-        for seed, run_dir in zip(seeds, run_dirs)
-    ]
-    obs_dim, action_dim = envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
-    agent = make_agent(args, action_dim, action_scale, action_bias)
-    keys = [jax.random.split(jax.random.PRNGKey(seed)) for seed in seeds]
-    eval_keys = [eval_key for _, eval_key in keys]
-    obs = np.stack([env.reset()[0] for env in envs])
-    actions = np.stack([env.action_space.sample() for env in envs])
-    if checkpoint is None:
-        states = [create_state(agent, key, obs_dim) for key, _ in keys]
-    else:
-        restored = gym_tasks.restore_gym_mujoco_state(envs[0], eval_envs[0], checkpoint.get("environment", {}))
-        if restored is not None:
-            obs, actions = restored[0][None], restored[1][None]
-        target = create_state(agent, keys[0][0], obs_dim)
-        state = checkpoints.restore_state(target, checkpoint["agent"], f"{args.resume}/checkpoint.flax")
-        # Unless the episode continues exactly, the interrupted one ends in the buffer as a truncation.
-        states = [state if restored is not None else state.replace(buffer=buffer_end_episode(state.buffer))]
+    agent = make_agent(args, run.action_dim, run.action_scale, run.action_bias)
+    states, actions = run.start(lambda key: create_state(agent, key, run.obs_dim), buffer_end_episode)
     functions = jit_train_functions(agent)
-    pending_transitions = []  # random-phase transitions, written to the device buffer in blocks (docs/design.md)
 
-    def write_checkpoints():
-        nonlocal states, checkpoint_step
-        states = batching.store_transitions(states, pending_transitions, functions)
-        for i, run_dir in enumerate(run_dirs):
-            environment = gym_tasks.gym_mujoco_state(envs[i], eval_envs[i], obs[i], actions[i])
-            checkpoint = {"script": SCRIPT, "step": step, "wandb_id": wandb_ids[i], "agent": states[i]}
-            checkpoints.save_checkpoint(run_dir, {**checkpoint, "environment": environment})
-        checkpoint_step = step
-
-    def close_all(exit_code: int = 0):
-        for env, eval_env, logger in zip(envs, eval_envs, loggers):
-            env.close()
-            eval_env.close()
-            logger.close(exit_code)
-
-    checkpoint_step = None if checkpoint is None else start_step
-    stop = runs.catch_stop_signals()
-    start_time = time.time()
-    latest_returns = [float("nan")] * args.num_seeds
-    progress = runs.Progress(args.total_timesteps, start_step)
-    progress.phase("random actions", start_step, args.learning_starts - 1, compiles=False)
-    for step in range(start_step + 1, args.total_timesteps + 1):  # step: environment steps done after this one
-        next_obs, rewards, terminations, episode_ends, policy_obs = [], [], [], [], []
-        for i, env in enumerate(envs):
-            observation, reward, terminated, truncated, info = env.step(actions[i])
-            next_obs.append(observation)  # the real final observation, also on truncation
-            rewards.append(reward)
-            terminations.append(terminated)
-            episode_ends.append(terminated or truncated)
-            if terminated or truncated:
-                latest_returns[i] = float(info["episode"]["r"])
-                episode = {"charts/episodic_return": latest_returns[i], "charts/episodic_length": info["episode"]["l"]}
-                loggers[i].log(step, episode)
-                observation, _ = env.reset()
-            policy_obs.append(observation)
-        transition = [np.asarray(x, np.float32) for x in (obs, actions, rewards, next_obs, terminations)]
-        transition.append(np.asarray(episode_ends, np.bool_))
-        if step >= args.learning_starts:
-            states = batching.store_transitions(states, pending_transitions, functions)
-            policy_obs = np.asarray(policy_obs, np.float32)
+    for step in range(run.start_step + 1, args.total_timesteps + 1):  # step: environment steps done after this one
+        transition, policy_obs = run.step_environments(step, actions)
+        if step < args.learning_starts:
+            states = run.store(states, functions, transition)  # kept on the host, written in blocks
+            actions = run.random_actions()
+        else:
+            states = run.store(states, functions)  # the random phase's last block, if still on the host
             states, (actions, metrics, all_finite) = functions.train_step(states, *transition, policy_obs)
             actions = np.asarray(actions)
-            if not np.all(all_finite):
-                i = int(np.argmin(all_finite))
-                metrics_i = {key: value[i] for key, value in jax.device_get(metrics).items()}
-                policy, critic = states[i].policy, states[i].critic
-                parameters = {"policy parameters": policy.params, "critic parameters": critic.params}
-                runs.stop_on_divergence(run_dirs[i], step, metrics_i, parameters, checkpoint_step)
-            if step % args.log_every == 0:
-                metrics = jax.device_get(metrics)
-                for i, logger in enumerate(loggers):
-                    logger.log(step, {key: value[i] for key, value in metrics.items()})
-        else:
-            pending_transitions.append(transition)
-            if len(pending_transitions) == batching.RANDOM_BLOCK:
-                states = batching.store_transitions(states, pending_transitions, functions)
-            actions = np.stack([env.action_space.sample() for env in envs])
-        obs = np.stack(policy_obs)
-
-        if step % args.console_every == 0 or step == args.total_timesteps:
-            sps = progress.rate(step)
-            for logger in loggers:
-                logger.log(step, {"charts/SPS": sps})
-        if step == max(args.learning_starts, start_step + 1):
-            progress.phase("training", step - 1, args.total_timesteps)
-        returns = ", ".join(f"{r:.1f}" for r in latest_returns)
-        progress.report(step, f"latest return {returns}", force=step % args.console_every == 0)
-        if args.eval_episodes > 0 and (step % args.eval_every == 0 or step == args.total_timesteps):
-            eval_start = time.time()
-            eval_returns = []
-            for eval_env, logger, state, eval_key in zip(eval_envs, loggers, states, eval_keys):
-                key = jax.random.fold_in(eval_key, step)  # the same key at this step, resumed or not
-                evaluation = gym_tasks.evaluate_gym(
-                    eval_env, functions.evaluation_action, state.policy, args.eval_episodes, key
-                )
-                eval_returns.append(evaluation)
-                logger.log(step, {"eval/episodic_return": eval_returns[-1]})
-            returns = ", ".join(f"{r:.1f}" for r in eval_returns)
-            print(f"step {step}: eval return {returns} over {args.eval_episodes} episodes", flush=True)
-            progress.leave_out(time.time() - eval_start)  # keep evaluation time out of the rates
-        # After the evaluation of the same step, so that a run resumed from this checkpoint has it.
-        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            write_checkpoints()
-        if stop["signal"] is not None:
-            if args.checkpoint_on_exit and checkpoint_step != step:
-                write_checkpoints()
-            close_all(exit_code=128 + stop["signal"])
-            runs.exit_interrupted(stop["signal"], step, args.total_timesteps, checkpoint_step, run_dirs)
-
-    for state, run_dir in zip(states, run_dirs):
-        if args.save_model:
-            policy, critic = state.policy, state.critic
-            checkpoints.save_model(run_dir, args.exp_name, {
-                "policy": {"params": policy.params, "batch_stats": policy.batch_stats},
-                "critic": {"params": critic.params, "batch_stats": critic.batch_stats},
-                "log_alpha": state.log_alpha,
-            })  # fmt: skip
-    close_all()
-    print(f"done in {time.time() - start_time:.0f}s; logs in {', '.join(run_dirs)}")
+            run.stop_if_diverged(step, all_finite, metrics, states)
+            run.log_losses(step, metrics)
+        run.report_progress(step)
+        run.evaluate(step, functions.evaluation_action, states)
+        states = run.checkpoint(step, states, actions, functions)  # also ends the run on SIGINT or SIGTERM
+    run.finish(states)
 
 
 if __name__ == "__main__":
