@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from sac_flow_utils import batching, checkpoints, gym_tasks, runs
+from sac_flow_utils.replay_buffer import buffer_end_episode
 
 
 class GymRun:
@@ -31,10 +32,10 @@ class GymRun:
         self.obs_dim, self.action_dim = self.envs[0].observation_space.shape[0], space.shape[0]
         self.action_scale, self.action_bias = (space.high - space.low) / 2, (space.high + space.low) / 2
 
-    def start(self, create_state: Callable, end_episode: Callable) -> tuple[list, np.ndarray]:
+    def start(self, create_state: Callable) -> tuple[list, np.ndarray]:
         """Opens the run directories and logs; returns the agent states and the first actions. New states are
         create_state(key); a checkpoint's state is restored before any file is opened, and its interrupted episode
-        goes on exactly (MuJoCo) or ends in the replay buffer as a truncation (end_episode(buffer))."""
+        goes on exactly (MuJoCo) or ends in the replay buffer as a truncation."""
         args = self.args
         keys = [jax.random.split(jax.random.PRNGKey(seed)) for seed in self.seeds]
         self.eval_keys = [eval_key for _, eval_key in keys]
@@ -66,7 +67,7 @@ class GymRun:
             if restored is not None:
                 self.obs, actions = restored[0][None], restored[1][None]
             else:
-                states = [states[0].replace(buffer=end_episode(states[0].buffer))]
+                states = [states[0].replace(buffer=buffer_end_episode(states[0].buffer))]
         self.pending_transitions = []  # random-phase transitions, written to the device in blocks (docs/design.md)
         self.checkpoint_step = None if self.resume_checkpoint is None else self.start_step
         self.latest_returns = [float("nan")] * args.num_seeds
