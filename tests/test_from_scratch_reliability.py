@@ -247,3 +247,14 @@ def test_bad_resume_is_one_line_and_nonzero_exit(case, tmp_path):
     make_run(tmp_path / "run")
     result = run_script(FROM_SCRATCH / "sac_flow_naive.py", "--resume", "run", *flags, cwd=tmp_path, timeout=120)
     assert_one_line_error(result, mentioned)
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_leaves_the_run_as_it_was(tmp_path):
+    """The checkpoint's agent state is restored before the run's files are opened: a resume that fails there (here an
+    empty agent) does not cut metrics.csv back to the checkpoint's step."""
+    write_fake_run(tmp_path / "run", "from_scratch/sac_flow_naive.py")  # a checkpoint of step 10
+    metrics = "global_step,key,value\n5,losses/qf_loss,1.5\n20,losses/qf_loss,1.0\n"
+    (tmp_path / "run" / "metrics.csv").write_text(metrics)
+    result = run_script(FROM_SCRATCH / "sac_flow_naive.py", "--resume", "run", cwd=tmp_path, timeout=120)
+    assert_one_line_error(result, "does not match these args")
+    assert (tmp_path / "run" / "metrics.csv").read_text() == metrics
