@@ -1,6 +1,5 @@
 """Several seeds in one jitted call, and the random phase's transitions written to the device in blocks."""
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -12,12 +11,13 @@ def over_seeds(function: Callable) -> Callable:
     """`function(agent, *inputs) -> (agent, outputs)` on each agent of a list, in one jitted call; inputs and outputs
     carry a leading seed axis. A list rather than one vmapped state: on a CPU vmap's batched matmuls are slower."""
 
-    @functools.wraps(function)  # keeps its name in JAX's compile logs
     def each_seed(agents: list, *inputs):
         results = [function(agent, *(x[i] for x in inputs)) for i, agent in enumerate(agents)]
         stacked_outputs = jax.tree.map(lambda *per_seed: jnp.stack(per_seed), *[outputs for _, outputs in results])
         return [agent for agent, _ in results], stacked_outputs
 
+    # The function's name in JAX's compile logs (that of a functools.partial's function).
+    each_seed.__name__ = each_seed.__qualname__ = getattr(function, "func", function).__name__
     return each_seed
 
 
