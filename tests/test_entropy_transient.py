@@ -45,9 +45,9 @@ def entropies_on_a_quadratic_bandit(**options) -> np.ndarray:
     [({}, True), ({"alpha": 0.2}, False), ({"alpha": 0.2, "alpha_optimizer": "adam"}, False)],
     ids=["default", "alpha 0.2", "alpha 0.2 adam"],
 )
-def test_path_entropy_is_within_2_nats_per_dimension_of_its_target_from_the_50th_actor_update(options, settles):
-    """H_target = 0: with the default every entropy from the 50th actor update on is within 2·d nats of it; with α₀ = 0.2
-    (the paper's), some are far above it, σ still near its bound."""
+def test_path_entropy_within_2_nats_per_dimension_of_target_from_50th_actor_update(options, settles):
+    """H_target = 0: with the default every entropy from the 50th actor update on is within 2·d nats of it; with
+    α₀ = 0.2 (the paper's), some are far above it, σ still near its bound."""
     entropy = entropies_on_a_quadratic_bandit(**options)[SETTLED:]
     worst = entropy[np.argmax(np.abs(entropy))]
     assert bool(np.all(np.abs(entropy) <= 2 * ACTION_DIM)) == settles, f"{options}: entropy {worst:.1f} at worst"
