@@ -87,8 +87,9 @@ class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resu
     alpha_optimizer: Literal["sgd", "adam"] = "sgd"
     """how log α follows L_α: "sgd", plain gradient descent, a step in proportion to the entropy gap; "adam", Adam at
     --q-lr as the released code and sac.py, a step of about q_lr whatever the gap (docs/entropy.md)"""
-    alpha_lr: float = 5e-3
-    """η of --alpha-optimizer sgd: log α moves by η/d per update and nat of entropy gap (d: action dimensions)"""
+    alpha_lr: float = 1e-3
+    """η of --alpha-optimizer sgd: log α moves by η/d per update and nat of entropy gap (d: action dimensions); slow
+    enough that α does not pass its equilibrium while the actor brings σ back (docs/entropy.md)"""
     target_entropy: float = 0.0
     """H_target of the α loss, a path entropy −log π (0, as the paper and the released code); refused if unreachable"""
     critic_hidden: int = 1024
