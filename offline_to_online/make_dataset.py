@@ -288,20 +288,9 @@ def generate_dataset(
     Bad arguments raise SystemExit("error: ..."). num_workers > 1 starts processes with "spawn", which re-imports
     this file by its module name: from other code, call it with num_workers=1 (or run the script).
     """
-    dataset_name = dataset_name_of(env_name)
-    if dataset_name not in PLAY_DATASETS:
-        raise SystemExit(f"error: unknown dataset {env_name!r}; supported: {', '.join(PLAY_DATASETS)}")
-    env_id, published_num_episodes = PLAY_DATASETS[dataset_name]
-    if num_episodes is None:
-        num_episodes = published_num_episodes
-    if num_val_episodes is None:
-        num_val_episodes = max(1, num_episodes // 10)
-    if num_episodes < 1 or num_val_episodes < 1:
-        raise SystemExit("error: --num-episodes and --num-val-episodes must be >= 1 (ogbench needs both files)")
-    if max_episode_steps < 2:
-        raise SystemExit("error: --max-episode-steps must be >= 2 (ogbench drops the last row of each episode)")
-    if num_workers < 1:
-        raise SystemExit("error: --num-workers must be >= 1")
+    dataset_name, env_id, num_episodes, num_val_episodes = checked_recipe(
+        env_name, num_episodes, num_val_episodes, max_episode_steps, num_workers
+    )
     paths = dataset_paths(dataset_dir, dataset_name)
     existing = [path for path in paths.values() if os.path.exists(path)]
     if existing and not overwrite:
@@ -328,16 +317,56 @@ def generate_dataset(
             arrays[split][key][rows] = value
         done[split][index] = True
 
+    progress = ProgressLine(len(jobs), dataset_name) if show_progress else None
+    worker_args = (env_id, max_episode_steps, noise, noise_smoothing)
+    signum = collect_episodes(jobs, worker_args, num_workers, store, progress)
+    if signum is not None:
+        generated = int(sum(map(np.sum, done.values())))
+        if generated:
+            save_npz(partial_path, {"recipe": recipe, **partial_arrays(arrays, done)})
+            kept = f"kept {generated}/{sum(counts.values())} episodes in {partial_path}; the same command continues"
+        else:
+            kept = "no episode was finished, so nothing was kept"
+        print(f"interrupted by {signal.Signals(signum).name}: {kept}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    for split in SPLITS:
+        save_npz(paths[split], arrays[split])
+    if os.path.exists(partial_path):
+        os.remove(partial_path)
+    return paths
+
+
+def checked_recipe(env_name: str, num_episodes, num_val_episodes, max_episode_steps: int, num_workers: int):
+    """The dataset's name, its environment and the two splits' episode counts (OGBench's where not given); a
+    SystemExit("error: ...") for a bad argument."""
+    dataset_name = dataset_name_of(env_name)
+    if dataset_name not in PLAY_DATASETS:
+        raise SystemExit(f"error: unknown dataset {env_name!r}; supported: {', '.join(PLAY_DATASETS)}")
+    env_id, published_num_episodes = PLAY_DATASETS[dataset_name]
+    if num_episodes is None:
+        num_episodes = published_num_episodes
+    if num_val_episodes is None:
+        num_val_episodes = max(1, num_episodes // 10)
+    if num_episodes < 1 or num_val_episodes < 1:
+        raise SystemExit("error: --num-episodes and --num-val-episodes must be >= 1 (ogbench needs both files)")
+    if max_episode_steps < 2:
+        raise SystemExit("error: --max-episode-steps must be >= 2 (ogbench drops the last row of each episode)")
+    if num_workers < 1:
+        raise SystemExit("error: --num-workers must be >= 1")
+    return dataset_name, env_id, num_episodes, num_val_episodes
+
+
+def collect_episodes(jobs: list, worker_args: tuple, num_workers: int, store, progress) -> int | None:
+    """Runs each job's episode, in this process or in num_workers spawned ones, and hands it to store(split, index,
+    episode) as it comes. Returns the signal (SIGINT, SIGTERM) that stopped it early, or None."""
     stop = {"signal": None}
 
     def record_signal(signum, _frame):
         stop["signal"] = signum
 
     previous_handlers = {signum: signal.signal(signum, record_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    progress = ProgressLine(len(jobs), dataset_name) if show_progress else None
     num_workers = max(1, min(num_workers, len(jobs)))
-    worker_args = (env_id, max_episode_steps, noise, noise_smoothing)
     pool = None
     try:
         if num_workers == 1:
@@ -367,21 +396,7 @@ def generate_dataset(
             progress.close()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
-    if stop["signal"] is not None:
-        generated = int(sum(map(np.sum, done.values())))
-        if generated:
-            save_npz(partial_path, {"recipe": recipe, **partial_arrays(arrays, done)})
-            kept = f"kept {generated}/{sum(counts.values())} episodes in {partial_path}; the same command continues"
-        else:
-            kept = "no episode was finished, so nothing was kept"
-        print(f"interrupted by {signal.Signals(stop['signal']).name}: {kept}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + stop["signal"])
-
-    for split in SPLITS:
-        save_npz(paths[split], arrays[split])
-    if os.path.exists(partial_path):
-        os.remove(partial_path)
-    return paths
+    return stop["signal"]
 
 
 def partial_arrays(arrays: dict, done: dict) -> dict:

@@ -47,7 +47,6 @@ Example:
 import functools
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,7 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sac_flow_utils import checkpoints, cli, ogbench_tasks, runs
+from sac_flow_utils import cli
+from sac_flow_utils.ogbench_run import OgbenchRun
 
 
 @dataclass
@@ -663,7 +663,6 @@ def online_step(agent: SACFlow, state: AgentState, buffer: dict, position, trans
 # The training loop
 
 SCRIPT = f"offline_to_online/{os.path.basename(__file__)}"  # recorded in checkpoints: --resume refuses another's
-PROGRESS_UPDATES = 100  # offline updates per jitted call, so that the console hears from the run every few seconds
 
 
 def check_args(args: Args):
@@ -677,15 +676,22 @@ def check_args(args: Args):
     ])  # fmt: skip
 
 
+def parameter_groups(state: AgentState) -> dict:
+    """What the divergence stop checks, by name."""
+    return {
+        "critic parameters": state.params["critic"],
+        "policy parameters": state.params["policy"],
+        "target critic parameters": state.target_critic_params,
+        "log alpha": state.log_alpha,
+    }
+
+
 def main():
     args, checkpoint = cli.parse_args(Args, SCRIPT)
     check_args(args)
-    start_offline, start_online = checkpoints.offline_start(args, checkpoint)
-    env, eval_env, dataset_path = ogbench_tasks.make_ogbench_envs(
-        args.env_name, args.dataset_dir, args.max_episode_steps
-    )
-    action_dim = env.action_space.shape[0]
-    chunk_dim = args.horizon_length * action_dim
+    run = OgbenchRun(args, SCRIPT, checkpoint)
+    del checkpoint  # the run drops it once it is restored: it can hold a large online replay
+    chunk_dim = args.horizon_length * run.action_dim
     sigma_bound = args.noise_std if args.noise_std > 0 else math.exp(LOG_SIGMA_MAX)
     largest_entropy = max_path_entropy(chunk_dim, args.flow_steps, sigma_bound)
     if target_entropy_of(args, chunk_dim) >= largest_entropy:
@@ -694,204 +700,54 @@ def main():
             f"largest entropy the policy can reach, {largest_entropy:.1f} for h*d = {chunk_dim}, K = {args.flow_steps} "
             "and its sigma bound: alpha would grow without bound"
         )
-    dataset = ogbench_tasks.load_ogbench_dataset(env, dataset_path, min_size=max(args.batch_size, args.horizon_length))
-    dataset_size = len(dataset["observations"])
-
-    agent, state = make_agent(args, env.observation_space.shape[0], action_dim)
-    buffer = make_replay_buffer(dataset, dataset_size + args.online_steps, args.sparse)
+    dataset = run.load_dataset(min_size=max(args.batch_size, args.horizon_length))
+    agent, state = make_agent(args, run.obs_dim, run.action_dim)
+    buffer = make_replay_buffer(dataset, run.dataset_size + args.online_steps, args.sparse)
     del dataset
-    key = jax.random.PRNGKey(args.seed)
-    (run_dir,), (wandb_id,), (logger,), locks = runs.open_runs(args, args.env_name, [args.seed], checkpoint)
-    online_loop, last_checkpoint_step = None, None
-    if checkpoint is not None:
-        # An online episode goes on where it stopped when the checkpoint holds its environment (OGBench's tasks).
-        env.reset(seed=args.seed + start_online)
-        online_loop = ogbench_tasks.restore_ogbench_state(env, checkpoint.get("environment", {}))
-        state, key, buffer = checkpoints.restore_offline_agent(
-            checkpoint, state, buffer, dataset_size, online_loop is not None
-        )
-        last_checkpoint_step = int(checkpoint["step"])
-        del checkpoint
-    print(f"run {os.path.basename(run_dir)}: {dataset_size} transitions from {dataset_path}, device {jax.devices()[0]}")
-
+    state, buffer = run.start(state, buffer, parameter_groups)
     offline_block = jax.jit(functools.partial(offline_updates, agent), static_argnames="phase", donate_argnums=0)
     act = jax.jit(functools.partial(acting_chunks, agent))
     eval_act = jax.jit(functools.partial(evaluation_chunks, agent))
     collect = jax.jit(functools.partial(online_collect, agent), donate_argnums=1)
     learn = jax.jit(functools.partial(online_step, agent), donate_argnums=(0, 1))
-    # Every random draw comes from these keys folded with a step number, so a run can restart at any step.
-    offline_key, online_key, first_chunk_key, eval_key = jax.random.split(key, 4)
-    total_steps = args.offline_steps + args.online_steps
-    progress = runs.Progress(total_steps, start_offline + start_online)
-    stop = runs.catch_stop_signals()
-
-    def run_evaluation(step: int):
-        if args.eval_episodes == 0:
-            return
-        eval_start = time.time()
-        success, episodic_return = ogbench_tasks.evaluate_ogbench(
-            eval_env, eval_act, state.params, jax.random.fold_in(eval_key, step), args.eval_episodes,
-            args.horizon_length, action_dim,
-        )  # fmt: skip
-        logger.log(step, {"eval/success": success, "eval/episodic_return": episodic_return})
-        print(f"step {step}: eval success {success:.3f}, return {episodic_return:.1f}", flush=True)
-        progress.leave_out(time.time() - eval_start)
-
-    def write_checkpoint(offline_done: int, online_done: int, environment: dict):
-        nonlocal last_checkpoint_step
-        online_replay = {name: column[dataset_size : dataset_size + online_done] for name, column in buffer.items()}
-        checkpoints.save_checkpoint(run_dir, {
-            "script": SCRIPT, "step": offline_done + online_done, "offline_step": offline_done,
-            "online_step": online_done, "wandb_id": wandb_id, "environment": environment,
-            "agent": {"state": state, "rng_key": key, "online_replay": online_replay},
-        })  # fmt: skip
-        last_checkpoint_step = offline_done + online_done
-
-    def stop_if_asked(offline_done: int, online_done: int, environment: dict):
-        if stop["signal"] is None:
-            return
-        if args.checkpoint_on_exit and last_checkpoint_step != offline_done + online_done:
-            write_checkpoint(offline_done, online_done, environment)
-        env.close()
-        eval_env.close()
-        logger.close(exit_code=128 + stop["signal"])
-        step = offline_done + online_done
-        runs.exit_interrupted(stop["signal"], step, total_steps, last_checkpoint_step, [run_dir])
-
-    def stop_on_divergence(step: int, metrics: dict):
-        groups = {"critic parameters": state.params["critic"], "policy parameters": state.params["policy"]}
-        groups.update({"target critic parameters": state.target_critic_params, "log alpha": state.log_alpha})
-        runs.stop_on_divergence(run_dir, step, metrics, groups, last_checkpoint_step)
 
     # Offline phase: blocks of updates, each run as jitted scans over batches sampled on the device; the first
     # bc_steps are BC, the rest action-regularised SAC (or both on every step with --interleave-offline-updates).
-    # Update n's key is fold_in(offline_key, n): where logs, evaluations and checkpoints cut the blocks does not
-    # change the run. The losses logged are the mean over every update since the previous log (or phase change).
+    # The losses logged are the mean over every update since the previous log (or phase change).
     bc_steps = 0 if args.interleave_offline_updates else round(args.bc_fraction * args.offline_steps)
-    step = start_offline
-    metrics_since_log = []  # a resumed run's first log averages the updates since its start
+    step = run.start_offline
     while step < args.offline_steps:
-        next_stop = min(
-            args.offline_steps,
-            (step // args.log_every + 1) * args.log_every,
-            (step // args.eval_every + 1) * args.eval_every,
-            bc_steps if step < bc_steps else args.offline_steps,
-            (step // args.checkpoint_every + 1) * args.checkpoint_every if args.checkpoint_every > 0 else args.offline_steps,
-        )  # fmt: skip
         phase = "interleaved" if args.interleave_offline_updates else "bc" if step < bc_steps else "sac"
-        if step == start_offline or step == bc_steps:
-            phase_end = bc_steps if phase == "bc" else args.offline_steps
-            progress.phase(f"offline {phase}", step, phase_end, unit="updates/s")
-        block_length = min(args.offline_scan_length, next_stop - step)
-        block_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(offline_key, jnp.arange(step, step + block_length))
-        for start in range(0, len(block_keys), PROGRESS_UPDATES):
-            keys = block_keys[start : start + PROGRESS_UPDATES]
-            state, metrics, finite_updates = offline_block(state, buffer, np.int32(dataset_size), keys, phase=phase)
-            metrics_since_log.append(metrics)
-            if int(finite_updates) < len(keys):
-                failed = {name: values[int(finite_updates)] for name, values in metrics_since_log[-1].items()}
-                stop_on_divergence(step + start + int(finite_updates) + 1, failed)
-            qf_loss = float(metrics_since_log[-1]["losses/qf_loss"][-1])
-            alpha = float(metrics_since_log[-1]["losses/alpha"][-1])
-            done = step + start + len(keys)
-            progress.report(done, f"qf_loss {qf_loss:.4f}, alpha {alpha:.4g}", force=done % args.log_every == 0)
-        step += len(block_keys)
-        if step % args.log_every == 0 or step in (bc_steps, args.offline_steps):  # a phase's losses apart
-            metrics = {
-                name: jnp.mean(jnp.concatenate([m[name] for m in metrics_since_log])) for name in metrics_since_log[0]
-            }
-            metrics_since_log = []
-            logger.log(step, {**metrics, "charts/updates_per_s": progress.rate(step)})
-        if step % args.eval_every == 0 or step == args.offline_steps:
-            run_evaluation(step)
-        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0:
-            write_checkpoint(step, 0, {})
-        stop_if_asked(step, 0, {})
+        phase_end = bc_steps if phase == "bc" else args.offline_steps
+        for keys in run.offline_update_keys(step, f"offline {phase}", phase_end):
+            state, metrics, finite_updates = offline_block(state, buffer, np.int32(run.dataset_size), keys, phase=phase)
+            step += len(keys)
+            run.offline_updates_done(step, metrics, finite_updates, state)
+        run.log_offline_losses(step, phase_end)
+        run.evaluate(step, eval_act, state.params)
+        run.checkpoint(step, state, buffer)  # also ends the run on SIGINT or SIGTERM
 
     # Online phase: the dataset is the start of the replay buffer; each env step appends one transition,
     # makes one update and proposes the chunk for the next observation (used when the previous one has run out).
-    if online_loop is None:
-        observation, _ = env.reset(seed=args.seed + start_online)
-        first_chunk_key = jax.random.fold_in(first_chunk_key, start_online)
-        first_chunk = act(state.params, np.asarray(observation, np.float32)[None], first_chunk_key)
-        queue = list(np.asarray(first_chunk[0]).reshape(args.horizon_length, action_dim))
-        episode_return, episode_length = 0.0, 0
-    else:
-        observation, queue, episode_return, episode_length = online_loop
-    position = dataset_size + start_online
-    metrics, latest_success = {}, float("nan")
-    unchecked = []  # (global step, divergence check, metrics) of the updates whose check the host has not read yet
-    progress.phase("online", args.offline_steps + start_online, total_steps)
-    for online_step_index in range(start_online + 1, args.online_steps + 1):
-        global_step = args.offline_steps + online_step_index
-        if online_step_index == args.online_learning_starts and online_step_index > start_online + 1:
-            progress.phase("online", global_step - 1, total_steps)  # the first update compiles
-        action = queue.pop(0)
-        next_observation, reward, terminated, truncated, info = env.step(action)
-        episode_return += float(reward)
-        episode_length += 1
-        if args.sparse:
-            reward = -1.0 if reward != 0.0 else 0.0
-        transition = {
-            "observations": np.asarray(observation, np.float32),
-            "actions": action,
-            "rewards": np.float32(reward),
-            "masks": np.float32(1.0 - terminated),
-            "terminals": np.float32(terminated or truncated),
-            "next_observations": np.asarray(next_observation, np.float32),
-        }
-        if terminated or truncated:
-            latest_success = float(info["success"])
-            logger.log(global_step, {
-                "charts/episodic_return": episode_return, "charts/episodic_length": episode_length,
-                "charts/success": latest_success,
-            })  # fmt: skip
-            observation, _ = env.reset()
-            episode_return, episode_length, queue = 0.0, 0, []
-        else:
-            observation = next_observation
-        step_key = jax.random.fold_in(online_key, online_step_index)
-        policy_observation = np.asarray(observation, np.float32)
+    run.begin_online_phase(act, state.params)
+    for online_step_index in range(run.start_online + 1, args.online_steps + 1):
+        step = args.offline_steps + online_step_index
+        transition, observation = run.step_environment(step)
+        key = jax.random.fold_in(run.online_key, online_step_index)
+        position = np.int32(run.dataset_size + online_step_index - 1)
         if online_step_index >= args.online_learning_starts:
-            state, buffer, metrics, finite, chunk = learn(
-                state, buffer, np.int32(position), transition, policy_observation, step_key
-            )
-            unchecked.append((global_step, finite, metrics))
+            state, buffer, metrics, finite, chunk = learn(state, buffer, position, transition, observation, key)
+            run.check_later(step, finite, metrics)
         else:
-            buffer, chunk = collect(state, buffer, np.int32(position), transition, policy_observation, step_key)
-        position += 1
+            buffer, chunk = collect(state, buffer, position, transition, observation, key)
+        run.take_chunk(step, chunk, state)
+        run.log_online_losses(step)
+        run.evaluate(step, eval_act, state.params)
+        run.checkpoint(step, state, buffer)  # also ends the run on SIGINT or SIGTERM
 
-        last_step = online_step_index == args.online_steps
-        log_now = online_step_index % args.log_every == 0 or last_step
-        eval_now = online_step_index % args.eval_every == 0 or last_step
-        checkpoint_now = args.checkpoint_every > 0 and global_step % args.checkpoint_every == 0
-        # The divergence checks are read when the host waits for the device anyway (a new chunk, a log, an evaluation,
-        # a checkpoint): reading each one at once would keep the environment steps from overlapping the updates.
-        if not queue or log_now or eval_now or checkpoint_now or stop["signal"] is not None:
-            for step_of_update, update_finite, update_metrics in unchecked:
-                if not update_finite:
-                    stop_on_divergence(step_of_update, update_metrics)
-            unchecked = []
-        if not queue:
-            queue = list(np.asarray(chunk).reshape(args.horizon_length, action_dim))
-        if log_now:
-            logger.log(global_step, {**metrics, "charts/SPS": progress.rate(global_step)})
-        alpha = f", alpha {float(metrics['losses/alpha']):.4g}" if metrics and log_now else ""
-        progress.report(global_step, f"latest success {latest_success}{alpha}", force=log_now)
-        if eval_now:
-            run_evaluation(global_step)
-        if checkpoint_now or stop["signal"] is not None:
-            environment = ogbench_tasks.ogbench_state(env, observation, queue, episode_return, episode_length)
-            if checkpoint_now:
-                write_checkpoint(args.offline_steps, online_step_index, environment)
-            stop_if_asked(args.offline_steps, online_step_index, environment)
-
-    if args.save_model:
-        model = dict(params=state.params, target_critic_params=state.target_critic_params, log_alpha=state.log_alpha)
-        checkpoints.save_model(run_dir, args.exp_name, model)
-    env.close()
-    eval_env.close()
-    logger.close()
+    run.finish(
+        {"params": state.params, "target_critic_params": state.target_critic_params, "log_alpha": state.log_alpha}
+    )
 
 
 if __name__ == "__main__":

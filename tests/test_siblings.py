@@ -26,7 +26,7 @@ BASELINES = {
     "offline_to_online": (
         "qc_fql",
         {"Args", "AgentState", "main", "make_agent", "offline_updates", "online_collect", "online_step"}
-        | {"sample_chunks", "is_finite"},  # QC-FQL has no α and two policies
+        | {"sample_chunks", "is_finite", "parameter_groups"},  # QC-FQL has no α and two policies
     ),
 }
 
