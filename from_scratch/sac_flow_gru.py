@@ -200,33 +200,8 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
 
 
-class SplitInputDense(nn.Module):
-    """nn.Dense over x = [s, A_k, φ(t_k)] (the same parameters, so the same initialisation), split by linearity:
-    W x + b = (W_s s + b) + W_a A_k + W_t φ(t_k). Called on s once per rollout, it returns (W_s s + b, W_a, W_t);
-    add_step_inputs completes W x + b at each flow step, with φ(t_k) one row for the whole batch."""
-
-    features: int
-    action_dim: int
-
-    @nn.compact
-    def __call__(self, state):
-        state_dim, time_dim = state.shape[-1], TimeEmbedding.dim
-        kernel_shape = (state_dim + self.action_dim + time_dim, self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape)  # nn.Dense's initialisers
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        state_kernel, action_kernel, time_kernel = jnp.split(kernel, [state_dim, state_dim + self.action_dim])
-        return state @ state_kernel + bias, action_kernel, time_kernel
-
-
-def add_step_inputs(state_term_and_kernels, action, time_features):
-    """W x + b from SplitInputDense's output: (W_s s + b) + W_a A_k + W_t φ(t_k)."""
-    state_term, action_kernel, time_kernel = state_term_and_kernels
-    return state_term + action @ action_kernel + time_features @ time_kernel
-
-
 class SwishMLP(nn.Module):
-    """(Dense → swish) × hidden_layers → Dense over x = [s, A_k, φ(t_k)], the body of the gate and of the candidate
-    network; `state_term` computes its first layer's state term once per rollout."""
+    """(Dense → swish) × hidden_layers → Dense: the gate's and the candidate's network."""
 
     hidden: int
     hidden_layers: int
@@ -234,25 +209,11 @@ class SwishMLP(nn.Module):
     output_kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     output_bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
-    def setup(self):
-        # Named as a compact MLP names its layers (Dense_0, Dense_1, ...): the same parameters and initialisation.
-        self.input_layer = SplitInputDense(self.hidden, self.action_dim, name="Dense_0")
-        self.later_hidden_layers = [nn.Dense(self.hidden, name=f"Dense_{i}") for i in range(1, self.hidden_layers)]
-        self.output_layer = nn.Dense(
-            self.action_dim,
-            kernel_init=self.output_kernel_init,
-            bias_init=self.output_bias_init,
-            name=f"Dense_{self.hidden_layers}",
-        )
-
-    def state_term(self, state):
-        return self.input_layer(state)
-
-    def __call__(self, state_term, action, time_features):
-        x = nn.swish(add_step_inputs(state_term, action, time_features))
-        for layer in self.later_hidden_layers:
-            x = nn.swish(layer(x))
-        return self.output_layer(x)
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.hidden_layers):
+            x = nn.swish(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.action_dim, kernel_init=self.output_kernel_init, bias_init=self.output_bias_init)(x)
 
 
 GATE_BIAS_INIT = 5.0
@@ -276,18 +237,11 @@ class VelocityNet(nn.Module):
         )
         self.candidate_net = SwishMLP(self.hidden, self.hidden_layers, self.action_dim)
 
-    def gate(self, state_context, action, time_features):
-        gate_term, _ = state_context
-        return nn.sigmoid(self.gate_net(gate_term, action, time_features))
-
-    def __call__(self, state_context, action, time_features):
-        _, candidate_term = state_context
-        candidate = self.candidate_net(candidate_term, action, time_features)
-        return self.gate(state_context, action, time_features) * (candidate - action)
-
-    def state_context(self, state):
-        """What the velocity computes from the state alone, once per rollout: both first layers' state terms."""
-        return self.gate_net.state_term(state), self.candidate_net.state_term(state)
+    def __call__(self, state, action, time_features):
+        time_features = jnp.broadcast_to(time_features, (*action.shape[:-1], time_features.shape[-1]))  # may be one row
+        x = jnp.concatenate([state, action, time_features], axis=-1)
+        gate = nn.sigmoid(self.gate_net(x))
+        return gate * (self.candidate_net(x) - action)
 
 
 # σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
@@ -299,7 +253,7 @@ class FlowPolicy(nn.Module):
     (A_0, ε_0..ε_{K−1}). Returns the path A_0..A_K (K+1, batch, d), σ (batch, d) and the Gaussian part of log π.
     `action_perturbations` (K, batch, d) are added to A_k before step k (--log-grad-norms differentiates at zero)."""
 
-    velocity: nn.Module  # v(state_context, A_k, φ(t_k)), with velocity.state_context(s) once per rollout
+    velocity: nn.Module  # v(s, A_k, φ(t_k)): the variant's velocity network
     action_dim: int
     flow_steps: int
     noise_std: float
@@ -322,8 +276,7 @@ class FlowPolicy(nn.Module):
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
-        # What the velocity computes from the state alone, and φ(t_k) for every k: once for the whole rollout.
-        state_context = self.velocity.state_context(state)
+        # φ(t_k) for every k at once: it does not depend on the state.
         time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         action = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
@@ -332,7 +285,7 @@ class FlowPolicy(nn.Module):
             t = k * dt
             if action_perturbations is not None:
                 action = action + action_perturbations[k]
-            velocity = self.velocity(state_context, action, time_features[k : k + 1])
+            velocity = self.velocity(state, action, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
             step_std = sigma * math.sqrt(dt)

@@ -194,50 +194,19 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
 
 
-class SplitInputDense(nn.Module):
-    """nn.Dense over x = [s, A_k, φ(t_k)] (the same parameters, so the same initialisation), split by linearity:
-    W x + b = (W_s s + b) + W_a A_k + W_t φ(t_k). Called on s once per rollout, it returns (W_s s + b, W_a, W_t);
-    add_step_inputs completes W x + b at each flow step, with φ(t_k) one row for the whole batch."""
-
-    features: int
-    action_dim: int
-
-    @nn.compact
-    def __call__(self, state):
-        state_dim, time_dim = state.shape[-1], TimeEmbedding.dim
-        kernel_shape = (state_dim + self.action_dim + time_dim, self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape)  # nn.Dense's initialisers
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        state_kernel, action_kernel, time_kernel = jnp.split(kernel, [state_dim, state_dim + self.action_dim])
-        return state @ state_kernel + bias, action_kernel, time_kernel
-
-
-def add_step_inputs(state_term_and_kernels, action, time_features):
-    """W x + b from SplitInputDense's output: (W_s s + b) + W_a A_k + W_t φ(t_k)."""
-    state_term, action_kernel, time_kernel = state_term_and_kernels
-    return state_term + action @ action_kernel + time_features @ time_kernel
-
-
 class VelocityNet(nn.Module):
     """Naive velocity: v = MLP([s, A_k, φ(t_k)]), two hidden layers, ReLU."""
 
     action_dim: int
     hidden: int
 
-    def setup(self):
-        # Named as a compact MLP names its layers: the same parameters and initialisation.
-        self.input_layer = SplitInputDense(self.hidden, self.action_dim, name="Dense_0")
-        self.hidden_layer = nn.Dense(self.hidden, name="Dense_1")
-        self.output_layer = nn.Dense(self.action_dim, name="Dense_2")
-
-    def __call__(self, state_context, action, time_features):
-        x = nn.relu(add_step_inputs(state_context, action, time_features))
-        x = nn.relu(self.hidden_layer(x))
-        return self.output_layer(x)
-
-    def state_context(self, state):
-        """What the velocity computes from the state alone, once per rollout: the first layer's state term."""
-        return self.input_layer(state)
+    @nn.compact
+    def __call__(self, state, action, time_features):
+        time_features = jnp.broadcast_to(time_features, (*action.shape[:-1], time_features.shape[-1]))  # may be one row
+        x = jnp.concatenate([state, action, time_features], axis=-1)
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.action_dim)(x)
 
 
 # σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
@@ -249,7 +218,7 @@ class FlowPolicy(nn.Module):
     (A_0, ε_0..ε_{K−1}). Returns the path A_0..A_K (K+1, batch, d), σ (batch, d) and the Gaussian part of log π.
     `action_perturbations` (K, batch, d) are added to A_k before step k (--log-grad-norms differentiates at zero)."""
 
-    velocity: nn.Module  # v(state_context, A_k, φ(t_k)), with velocity.state_context(s) once per rollout
+    velocity: nn.Module  # v(s, A_k, φ(t_k)): the variant's velocity network
     action_dim: int
     flow_steps: int
     noise_std: float
@@ -272,8 +241,7 @@ class FlowPolicy(nn.Module):
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
-        # What the velocity computes from the state alone, and φ(t_k) for every k: once for the whole rollout.
-        state_context = self.velocity.state_context(state)
+        # φ(t_k) for every k at once: it does not depend on the state.
         time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         action = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
@@ -282,7 +250,7 @@ class FlowPolicy(nn.Module):
             t = k * dt
             if action_perturbations is not None:
                 action = action + action_perturbations[k]
-            velocity = self.velocity(state_context, action, time_features[k : k + 1])
+            velocity = self.velocity(state, action, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
             step_std = sigma * math.sqrt(dt)

@@ -223,26 +223,25 @@ class DecoderBlock(nn.Module):
         self.ffn_hidden = nn.Dense(4 * self.d_model)
         self.ffn_out = nn.Dense(self.d_model)
 
-    def keys_and_values(self, context_tokens):
-        """(keys, values), each (batch, m, n_heads, head_dim), once per rollout. With one context token (the state)
-        its attention weight is 1 whatever the query: keys is None, and neither queries nor keys are computed."""
+    def __call__(self, action_token, context_tokens):
         context = self.context_norm(context_tokens)
-        keys = self.key(context) if context_tokens.shape[1] > 1 else None
-        return keys, self.value(context)
-
-    def __call__(self, action_token, keys, values):
-        if keys is None:
+        values = self.value(context)  # (batch, m, n_heads, head_dim)
+        if context_tokens.shape[1] == 1:
+            # One context token (the state): its attention weight is 1 whatever the query, so neither queries nor
+            # keys are computed (they would get zero gradient).
             attended = values[:, 0]
         else:
             queries = self.query(self.query_norm(action_token))  # (batch, n_heads, head_dim)
-            scores = jnp.einsum("bhd,bmhd->bhm", queries, keys) / math.sqrt(queries.shape[-1])
+            scores = jnp.einsum("bhd,bmhd->bhm", queries, self.key(context)) / math.sqrt(queries.shape[-1])
             attended = jnp.einsum("bhm,bmhd->bhd", nn.softmax(scores, axis=-1), values)
         y = action_token + self.attention_out(attended)
         return y + self.ffn_out(nn.gelu(self.ffn_hidden(self.ffn_norm(y))))
 
 
 class VelocityNet(nn.Module):
-    """Flow-T velocity: Φ_A = E_A([A_k, φ(t_k)]), Φ_S = E_S(s), n_layers decoder blocks, v = W_o(LN(Φ_A))."""
+    """Flow-T velocity: Φ_A = E_A([A_k, φ(t_k)]), Φ_S = E_S(s), n_layers decoder blocks, v = W_o(LN(Φ_A)).
+    E_S is an MLP, as in the released code: with one context token the attention passes on a linear map of LN(Φ_S),
+    so a linear E_S would leave the velocity only a linear view of the state."""
 
     action_dim: int
     d_model: int
@@ -257,16 +256,12 @@ class VelocityNet(nn.Module):
         self.output_norm = nn.LayerNorm()
         self.output = nn.Dense(self.action_dim)
 
-    def state_context(self, state):
-        """E_S and each block's keys and values, once per rollout (E_S is an MLP, as in the released code)."""
+    def __call__(self, state, action, time_features):
         state_token = self.state_embedding(nn.swish(self.state_hidden(state)))[:, None]  # one context token per row
-        return [block.keys_and_values(state_token) for block in self.blocks]
-
-    def __call__(self, state_context, action, time_features):
         time_features = jnp.broadcast_to(time_features, (*action.shape[:-1], time_features.shape[-1]))  # may be one row
         action_token = self.action_time_embedding(jnp.concatenate([action, time_features], axis=-1))
-        for block, (keys, values) in zip(self.blocks, state_context):
-            action_token = block(action_token, keys, values)
+        for block in self.blocks:
+            action_token = block(action_token, state_token)
         return self.output(self.output_norm(action_token))
 
 
@@ -279,7 +274,7 @@ class FlowPolicy(nn.Module):
     (A_0, ε_0..ε_{K−1}). Returns the path A_0..A_K (K+1, batch, d), σ (batch, d) and the Gaussian part of log π.
     `action_perturbations` (K, batch, d) are added to A_k before step k (--log-grad-norms differentiates at zero)."""
 
-    velocity: nn.Module  # v(state_context, A_k, φ(t_k)), with velocity.state_context(s) once per rollout
+    velocity: nn.Module  # v(s, A_k, φ(t_k)): the variant's velocity network
     action_dim: int
     flow_steps: int
     noise_std: float
@@ -302,8 +297,7 @@ class FlowPolicy(nn.Module):
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
-        # What the velocity computes from the state alone, and φ(t_k) for every k: once for the whole rollout.
-        state_context = self.velocity.state_context(state)
+        # φ(t_k) for every k at once: it does not depend on the state.
         time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         action = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
@@ -312,7 +306,7 @@ class FlowPolicy(nn.Module):
             t = k * dt
             if action_perturbations is not None:
                 action = action + action_perturbations[k]
-            velocity = self.velocity(state_context, action, time_features[k : k + 1])
+            velocity = self.velocity(state, action, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * action
             step_std = sigma * math.sqrt(dt)

@@ -214,7 +214,7 @@ def action_regularisation(chunks, data_chunks, valid):
 
 
 def gaussian_log_density(standard_noise, std):
-    """sum_j log N(x_j; mu_j, std_j^2) for x = mu + std * standard_noise."""
+    """Σ_j log N(x_j; μ_j, std_j²) for x = μ + std · standard_noise."""
     std = jnp.broadcast_to(std, standard_noise.shape)
     return jnp.sum(-0.5 * standard_noise**2 - jnp.log(std) - 0.5 * math.log(2 * math.pi), axis=-1)
 
@@ -232,7 +232,7 @@ def max_path_entropy(chunk_dim: int, flow_steps: int, sigma: float) -> float:
 
 
 def alpha_loss(log_alpha, log_prob, target_entropy: float):
-    """L_alpha = -log alpha * mean(log pi + H_target): alpha grows while the entropy -log pi is below H_target."""
+    """L_α = −log α · mean(log π + H_target): α grows while the entropy −log π is below H_target."""
     return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
 
 
@@ -276,7 +276,7 @@ class Critic(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """phi(t): sinusoidal features of t in [0, 1) (angular frequencies 1 to 1000) followed by a small MLP."""
+    """φ(t): sinusoidal features of t ∈ [0, 1) (angular frequencies 1 to 1000) followed by a small MLP."""
 
     dim: int = 32
 
@@ -287,50 +287,19 @@ class TimeEmbedding(nn.Module):
         return nn.Dense(self.dim)(nn.swish(nn.Dense(self.dim)(features)))
 
 
-class SplitInputDense(nn.Module):
-    """nn.Dense over h = [s, x, phi(t)] (the same parameters, so the same initialisation), split by linearity:
-    W h + b = (W_s s + b) + W_x x + W_t phi(t). Called on s once per rollout, it returns (W_s s + b, W_x, W_t);
-    add_step_inputs completes W h + b at each flow step, with phi(t_k) one row for the whole batch."""
-
-    features: int
-    chunk_dim: int
-
-    @nn.compact
-    def __call__(self, state):
-        state_dim, time_dim = state.shape[-1], TimeEmbedding.dim
-        kernel_shape = (state_dim + self.chunk_dim + time_dim, self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), kernel_shape)  # nn.Dense's initialisers
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        state_kernel, x_kernel, time_kernel = jnp.split(kernel, [state_dim, state_dim + self.chunk_dim])
-        return state @ state_kernel + bias, x_kernel, time_kernel
-
-
-def add_step_inputs(state_term_and_kernels, x, time_features):
-    """W h + b from SplitInputDense's output: (W_s s + b) + W_x x + W_t phi(t)."""
-    state_term, x_kernel, time_kernel = state_term_and_kernels
-    return state_term + x @ x_kernel + time_features @ time_kernel
-
-
 class VelocityNet(nn.Module):
-    """Naive velocity: v = MLP([s, x, phi(t)]), two hidden layers, ReLU."""
+    """Naive velocity: v = MLP([s, A_k, φ(t_k)]), two hidden layers, ReLU."""
 
-    chunk_dim: int
+    action_dim: int
     hidden: int
 
-    def setup(self):
-        # Named as a compact MLP names its layers: the same parameters and initialisation.
-        self.input_layer = SplitInputDense(self.hidden, self.chunk_dim, name="Dense_0")
-        self.hidden_layer = nn.Dense(self.hidden, name="Dense_1")
-        self.output_layer = nn.Dense(self.chunk_dim, name="Dense_2")
-
-    def __call__(self, state_context, x, time_features):
-        h = nn.relu(add_step_inputs(state_context, x, time_features))
-        h = nn.relu(self.hidden_layer(h))
-        return self.output_layer(h)
-
-    def state_context(self, state):
-        """What the velocity computes from the state alone, once per rollout: the first layer's state term."""
-        return self.input_layer(state)
+    @nn.compact
+    def __call__(self, state, action, time_features):
+        time_features = jnp.broadcast_to(time_features, (*action.shape[:-1], time_features.shape[-1]))  # may be one row
+        x = jnp.concatenate([state, action, time_features], axis=-1)
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(self.action_dim)(x)
 
 
 # σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
@@ -341,7 +310,7 @@ class FlowPolicy(nn.Module):
     """The noise-augmented flow rollout of the header over a chunk, before the tanh squash: a deterministic function
     of its noise (A_0, ε_0..ε_{K−1}). Returns the path A_0..A_K (K+1, B, D), σ (B, D) and the Gaussian part of log π."""
 
-    velocity_net: nn.Module  # v(state_context(state), x, time_features) -> (B, D), the variant's velocity network
+    velocity_net: nn.Module  # v(s, x, φ(t)) -> (B, D): the variant's velocity network
     chunk_dim: int
     flow_steps: int
     noise_std: float
@@ -356,26 +325,25 @@ class FlowPolicy(nn.Module):
 
     def velocity(self, observations, x, t):
         """v(LN(s), x, phi(t)) for times t of shape (B, 1): flow-matching BC."""
-        state_context = self.velocity_net.state_context(self.state_norm(observations))
-        return self.velocity_net(state_context, x, self.time_embedding(t))
+        return self.velocity_net(self.state_norm(observations), x, self.time_embedding(t))
 
     def __call__(self, observations, initial_noise, step_noise):
+        state = self.state_norm(observations)
         if self.noise_std > 0:
             sigma = jnp.full_like(initial_noise, self.noise_std)
         else:
-            raw = jnp.tanh(self.log_sigma_out(nn.relu(self.log_sigma_hidden(self.state_norm(observations)))))
+            raw = jnp.tanh(self.log_sigma_out(nn.relu(self.log_sigma_hidden(state))))
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
-        # What the velocity computes from the state alone, and phi(t_k) for every k: once for the whole rollout.
-        state_context = self.velocity_net.state_context(self.state_norm(observations))
+        # phi(t_k) for every k at once: it does not depend on the state.
         time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         x = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
         path = [x]
         for k in range(self.flow_steps):
             t = k * dt
-            velocity = self.velocity_net(state_context, x, time_features[k : k + 1])
+            velocity = self.velocity_net(state, x, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * x
             step_std = sigma * math.sqrt(dt)

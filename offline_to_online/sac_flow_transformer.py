@@ -221,7 +221,7 @@ def action_regularisation(chunks, data_chunks, valid):
 
 
 def gaussian_log_density(standard_noise, std):
-    """sum_j log N(x_j; mu_j, std_j^2) for x = mu + std * standard_noise."""
+    """Σ_j log N(x_j; μ_j, std_j²) for x = μ + std · standard_noise."""
     std = jnp.broadcast_to(std, standard_noise.shape)
     return jnp.sum(-0.5 * standard_noise**2 - jnp.log(std) - 0.5 * math.log(2 * math.pi), axis=-1)
 
@@ -239,7 +239,7 @@ def max_path_entropy(chunk_dim: int, flow_steps: int, sigma: float) -> float:
 
 
 def alpha_loss(log_alpha, log_prob, target_entropy: float):
-    """L_alpha = -log alpha * mean(log pi + H_target): alpha grows while the entropy -log pi is below H_target."""
+    """L_α = −log α · mean(log π + H_target): α grows while the entropy −log π is below H_target."""
     return -log_alpha * jnp.mean(jax.lax.stop_gradient(log_prob) + target_entropy)
 
 
@@ -283,7 +283,7 @@ class Critic(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """phi(t): sinusoidal features of t in [0, 1) (angular frequencies 1 to 1000) followed by a small MLP."""
+    """φ(t): sinusoidal features of t ∈ [0, 1) (angular frequencies 1 to 1000) followed by a small MLP."""
 
     dim: int = 32
 
@@ -296,7 +296,7 @@ class TimeEmbedding(nn.Module):
 
 class DecoderBlock(nn.Module):
     """Pre-norm decoder block, no self-attention: Y = Φ_A + CrossAttn(LN(Φ_A), LN(Φ_S)); Φ_A' = Y + FFN(LN(Y)).
-    Multi-head attention of each row's action token (B, d_model) over its m context tokens (B, m, d_model)."""
+    Multi-head attention of each row's action token (batch, d_model) over its m context tokens (batch, m, d_model)."""
 
     d_model: int
     n_heads: int
@@ -313,28 +313,27 @@ class DecoderBlock(nn.Module):
         self.ffn_hidden = nn.Dense(4 * self.d_model)
         self.ffn_out = nn.Dense(self.d_model)
 
-    def keys_and_values(self, context_tokens):
-        """(keys, values), each (B, m, n_heads, head_dim), once per rollout. With one context token (the state) its
-        attention weight is 1 whatever the query: keys is None, and neither queries nor keys are computed."""
+    def __call__(self, action_token, context_tokens):
         context = self.context_norm(context_tokens)
-        keys = self.key(context) if context_tokens.shape[1] > 1 else None
-        return keys, self.value(context)
-
-    def __call__(self, action_token, keys, values):
-        if keys is None:
+        values = self.value(context)  # (batch, m, n_heads, head_dim)
+        if context_tokens.shape[1] == 1:
+            # One context token (the state): its attention weight is 1 whatever the query, so neither queries nor
+            # keys are computed (they would get zero gradient).
             attended = values[:, 0]
         else:
-            queries = self.query(self.query_norm(action_token))  # (B, n_heads, head_dim)
-            scores = jnp.einsum("bhd,bmhd->bhm", queries, keys) / math.sqrt(queries.shape[-1])
+            queries = self.query(self.query_norm(action_token))  # (batch, n_heads, head_dim)
+            scores = jnp.einsum("bhd,bmhd->bhm", queries, self.key(context)) / math.sqrt(queries.shape[-1])
             attended = jnp.einsum("bhm,bmhd->bhd", nn.softmax(scores, axis=-1), values)
         y = action_token + self.attention_out(attended)
         return y + self.ffn_out(nn.gelu(self.ffn_hidden(self.ffn_norm(y))))
 
 
 class VelocityNet(nn.Module):
-    """Flow-T velocity: Φ_A = E_A([A_k, φ(t_k)]), Φ_S = E_S(s), n_layers decoder blocks, v = W_o(LN(Φ_A))."""
+    """Flow-T velocity: Φ_A = E_A([A_k, φ(t_k)]), Φ_S = E_S(s), n_layers decoder blocks, v = W_o(LN(Φ_A)).
+    E_S is an MLP, as in the released code: with one context token the attention passes on a linear map of LN(Φ_S),
+    so a linear E_S would leave the velocity only a linear view of the state."""
 
-    chunk_dim: int
+    action_dim: int
     d_model: int
     n_heads: int
     n_layers: int
@@ -345,19 +344,14 @@ class VelocityNet(nn.Module):
         self.action_time_embedding = nn.Dense(self.d_model)
         self.blocks = [DecoderBlock(self.d_model, self.n_heads) for _ in range(self.n_layers)]
         self.output_norm = nn.LayerNorm()
-        self.output = nn.Dense(self.chunk_dim)
+        self.output = nn.Dense(self.action_dim)
 
-    def state_context(self, state):
-        """What depends on the state alone (E_S, each block's keys and values): once per rollout. E_S is an MLP, as
-        in the released code: a linear one would leave the velocity only a linear view of the state."""
+    def __call__(self, state, action, time_features):
         state_token = self.state_embedding(nn.swish(self.state_hidden(state)))[:, None]  # one context token per row
-        return [block.keys_and_values(state_token) for block in self.blocks]
-
-    def __call__(self, state_context, x, time_features):
-        time_features = jnp.broadcast_to(time_features, (*x.shape[:-1], time_features.shape[-1]))  # may be one row
-        action_token = self.action_time_embedding(jnp.concatenate([x, time_features], axis=-1))
-        for block, (keys, values) in zip(self.blocks, state_context):
-            action_token = block(action_token, keys, values)
+        time_features = jnp.broadcast_to(time_features, (*action.shape[:-1], time_features.shape[-1]))  # may be one row
+        action_token = self.action_time_embedding(jnp.concatenate([action, time_features], axis=-1))
+        for block in self.blocks:
+            action_token = block(action_token, state_token)
         return self.output(self.output_norm(action_token))
 
 
@@ -369,7 +363,7 @@ class FlowPolicy(nn.Module):
     """The noise-augmented flow rollout of the header over a chunk, before the tanh squash: a deterministic function
     of its noise (A_0, ε_0..ε_{K−1}). Returns the path A_0..A_K (K+1, B, D), σ (B, D) and the Gaussian part of log π."""
 
-    velocity_net: nn.Module  # v(state_context(state), x, time_features) -> (B, D), the variant's velocity network
+    velocity_net: nn.Module  # v(s, x, φ(t)) -> (B, D): the variant's velocity network
     chunk_dim: int
     flow_steps: int
     noise_std: float
@@ -384,26 +378,25 @@ class FlowPolicy(nn.Module):
 
     def velocity(self, observations, x, t):
         """v(LN(s), x, phi(t)) for times t of shape (B, 1): flow-matching BC."""
-        state_context = self.velocity_net.state_context(self.state_norm(observations))
-        return self.velocity_net(state_context, x, self.time_embedding(t))
+        return self.velocity_net(self.state_norm(observations), x, self.time_embedding(t))
 
     def __call__(self, observations, initial_noise, step_noise):
+        state = self.state_norm(observations)
         if self.noise_std > 0:
             sigma = jnp.full_like(initial_noise, self.noise_std)
         else:
-            raw = jnp.tanh(self.log_sigma_out(nn.relu(self.log_sigma_hidden(self.state_norm(observations)))))
+            raw = jnp.tanh(self.log_sigma_out(nn.relu(self.log_sigma_hidden(state))))
             sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
-        # What the velocity computes from the state alone, and phi(t_k) for every k: once for the whole rollout.
-        state_context = self.velocity_net.state_context(self.state_norm(observations))
+        # phi(t_k) for every k at once: it does not depend on the state.
         time_features = self.time_embedding(jnp.array([[k * dt] for k in range(self.flow_steps)], jnp.float32))
         x = initial_noise
         log_prob = gaussian_log_density(initial_noise, 1.0)
         path = [x]
         for k in range(self.flow_steps):
             t = k * dt
-            velocity = self.velocity_net(state_context, x, time_features[k : k + 1])
+            velocity = self.velocity_net(state, x, time_features[k : k + 1])
             compensation = sigma**2 / (2 * (1 - t))
             drift = (1 + t * compensation) * velocity - compensation * x
             step_std = sigma * math.sqrt(dt)

@@ -57,7 +57,7 @@ def velocity_at(policy, state, action, t):
     """One evaluation of v_θ(s, A, t) on normalised states, t shared by the batch: the state's context and φ(t)
     computed for this step alone (the rollout computes them once for all K steps)."""
     time_features = policy.time_embedding(jnp.full((action.shape[0], 1), t, jnp.float32))
-    return policy.velocity(policy.velocity.state_context(state), action, time_features)
+    return policy.velocity(state, action, time_features)
 
 
 @pytest.mark.parametrize("noise_std", [0.0, 0.1])

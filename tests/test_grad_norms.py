@@ -29,9 +29,6 @@ class LinearVelocity(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.action_dim,))
         return action @ weight.T + bias
 
-    def state_context(self, state):
-        return state
-
 
 class LinearCritic(nn.Module):
     """Q(s, a) = a·w + s·u. The unused statistic gives it the params + batch_stats the scripts' critic code expects."""

@@ -97,7 +97,6 @@ def test_chunk_log_probability_matches_numpy(script):
             state.astype(np.float32),
             path[k].astype(np.float32),
             time_features,
-            method=lambda net, state, x, time_features: net(net.state_context(state), x, time_features),
         )
         velocity = np.asarray(velocity, np.float64)
         from_policy = agent.policy.apply(variables, obs, path[k], t, method="velocity")

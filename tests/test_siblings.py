@@ -1,6 +1,7 @@
-"""The scripts of a folder repeat each other by design (each one is self-contained, as cleanrl's): this keeps the
-repetition in step. Every top-level definition (function, class, constant) that two scripts of a folder share by name
-must have the same source text in both, except the few that are declared here as meant to differ."""
+"""The scripts repeat each other by design (each one is self-contained, as cleanrl's): this keeps the repetition in
+step. Every top-level definition (function, class, constant) that two scripts of a folder share by name must have the
+same source text in both, and so must a flow variant's two scripts (from_scratch/ and offline_to_online/), except the
+few that are declared here as meant to differ."""
 
 import ast
 import functools
@@ -29,6 +30,14 @@ BASELINES = {
         | {"sample_chunks", "is_finite", "parameter_groups"},  # QC-FQL has no α and two policies
     ),
 }
+
+
+# What a flow variant writes differently in its two folders: the run (a gymnasium task and its replay buffer, or
+# OGBench chunks after an offline phase) and the policy's wrapping (BatchRenorm of the state and the task's action
+# bounds from scratch, LayerNorm and [-1, 1] offline, with the flow-matching velocity for BC). The velocity networks,
+# the time embedding and the maths of the density and of α are one text.
+ACROSS_FOLDERS = {"Args", "check_args", "main", "SCRIPT", "make_agent", "SACFlow", "AgentState", "FlowPolicy"}
+ACROSS_FOLDERS |= {"rollout", "squash", "max_path_entropy", "add_transition"}
 
 
 @functools.cache
@@ -85,3 +94,25 @@ def test_every_declared_difference_still_differs(folder):
     for name in FLOW_DIFFERENCES[folder] | baseline_differences:
         texts = {definitions[script][name] for script in scripts if name in definitions[script]}
         assert len(texts) > 1, f"{name} is the same in every script of {folder}/ that has it: remove it from the list"
+
+
+@pytest.mark.parametrize("script", FLOW_SCRIPTS)
+def test_a_flow_variant_is_the_same_text_in_both_folders(script):
+    from_scratch = top_level_definitions(REPO / "from_scratch" / f"{script}.py")
+    offline = top_level_definitions(REPO / "offline_to_online" / f"{script}.py")
+    shared = (from_scratch.keys() & offline.keys()) - ACROSS_FOLDERS
+    differing = sorted(name for name in shared if from_scratch[name] != offline[name])
+    assert {"VelocityNet", "TimeEmbedding", "gaussian_log_density"} <= shared
+    assert not differing, (
+        f"from_scratch/{script}.py and offline_to_online/{script}.py define {', '.join(differing)} differently: make "
+        f"the same edit in both (or, if it is meant to differ, declare it in {__name__}.ACROSS_FOLDERS)"
+    )
+
+
+def test_every_difference_declared_across_folders_still_differs():
+    for name in ACROSS_FOLDERS:
+        texts = set()
+        for script in FLOW_SCRIPTS:
+            for folder in ("from_scratch", "offline_to_online"):
+                texts.add(top_level_definitions(REPO / folder / f"{script}.py").get(name))
+        assert len(texts - {None}) > 1, f"{name} is the same in both folders: remove it from ACROSS_FOLDERS"

@@ -62,11 +62,6 @@ def swish_mlp_np(p, x):
     return x @ p[layers[-1]]["kernel"] + p[layers[-1]]["bias"]
 
 
-def whole_velocity(net, state, action, time_features):
-    """One evaluation of v: the state's context, then the flow step (the rollout computes the context once)."""
-    return net(net.state_context(state), action, time_features)
-
-
 def test_flow_g_gate_starts_at_sigmoid_5():
     policy = gru.make_agent(gru.Args(), ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM)).policy  # default sizes
     state, action, _ = random_inputs()
@@ -81,7 +76,7 @@ def test_flow_g_gate_starts_at_sigmoid_5():
     # Read the gate of the bound module on inputs far from zero: it must not depend on them at initialisation.
     velocity = policy.bind(variables).velocity
     state, action, time_features = (10 * x for x in random_inputs(seed=1))
-    gate = np.asarray(velocity.gate(velocity.state_context(state), action, time_features))
+    gate = np.asarray(nn.sigmoid(velocity.gate_net(np.concatenate([state, action, time_features], axis=-1))))
     assert gate.shape == (BATCH, ACTION_DIM)
     np.testing.assert_allclose(gate, 1.0 / (1.0 + np.exp(-5.0)), rtol=1e-6)
 
@@ -94,9 +89,9 @@ GRU_SCRIPTS = pytest.mark.parametrize("script", [gru, offline_gru], ids=["from_s
 def test_flow_g_velocity_is_gate_times_candidate_minus_action(script, hidden_layers):
     net = script.VelocityNet(ACTION_DIM, hidden=16, hidden_layers=hidden_layers)
     state, action, time_features = random_inputs()
-    params = net.init(jax.random.PRNGKey(2), state, action, time_features, method=whole_velocity)["params"]
+    params = net.init(jax.random.PRNGKey(2), state, action, time_features)["params"]
     params = perturbed(params, seed=3)
-    v = np.asarray(net.apply({"params": params}, state, action, time_features, method=whole_velocity))
+    v = np.asarray(net.apply({"params": params}, state, action, time_features))
 
     p = to_numpy(params)
     assert len(p["gate_net"]) == len(p["candidate_net"]) == hidden_layers + 1
@@ -108,7 +103,7 @@ def test_flow_g_velocity_is_gate_times_candidate_minus_action(script, hidden_lay
 
 
 # ----------------------------------------------------------------------------------------------------
-# Naive and Flow-G: the first layer's state term computed once per rollout
+# Naive
 
 
 def relu_mlp_np(p, x):
@@ -125,52 +120,11 @@ NAIVE_SCRIPTS = pytest.mark.parametrize("script", [naive, offline_naive], ids=["
 def test_naive_velocity_matches_numpy_mlp(script):
     net = script.VelocityNet(ACTION_DIM, 16)
     state, action, time_features = random_inputs(seed=5)
-    params = net.init(jax.random.PRNGKey(6), state, action, time_features, method=whole_velocity)["params"]
+    params = net.init(jax.random.PRNGKey(6), state, action, time_features)["params"]
     params = perturbed(params, seed=7)
-    v = np.asarray(net.apply({"params": params}, state, action, time_features, method=whole_velocity))
+    v = np.asarray(net.apply({"params": params}, state, action, time_features))
     x = np.concatenate([state, action, time_features], axis=1).astype(np.float64)
     np.testing.assert_allclose(v, relu_mlp_np(to_numpy(params), x), rtol=1e-4, atol=1e-5)
-
-
-class ConcatenatedInputMLP(nn.Module):
-    """An MLP on jnp.concatenate([s, A, φ(t)]) with compact Dense layers, as the naive and Flow-G velocities were
-    written before their first layer was split: the split layers must create the same parameters from a key."""
-
-    hidden: int
-    hidden_layers: int
-    features: int
-
-    @nn.compact
-    def __call__(self, state, action, time_features):
-        x = jnp.concatenate([state, action, time_features], axis=-1)
-        for _ in range(self.hidden_layers):
-            x = nn.relu(nn.Dense(self.hidden)(x))
-        return nn.Dense(self.features)(x)
-
-
-def split_mlp(script, hidden_layers):
-    """The MLP of a script whose first layer is split: the naive velocity (two hidden layers) or Flow-G's SwishMLP."""
-    if script in (naive, offline_naive):
-        return script.VelocityNet(ACTION_DIM, 16), lambda net, s, a, t: net(net.state_context(s), a, t)
-    return script.SwishMLP(16, hidden_layers, ACTION_DIM), lambda mlp, s, a, t: mlp(mlp.state_term(s), a, t)
-
-
-@pytest.mark.parametrize(
-    "script, hidden_layers",
-    [(naive, 2), (offline_naive, 2), (gru, 1), (gru, 2), (offline_gru, 1), (offline_gru, 2)],
-    ids=["naive", "offline-naive", "gru-1", "gru-2", "offline-gru-1", "offline-gru-2"],
-)
-def test_split_first_layer_initialises_as_a_dense_on_the_concatenation(script, hidden_layers):
-    """Same key, same parameters (names, shapes, values) as the MLP on the concatenation: runs and checkpoints
-    made before the split start from, and load into, the same networks."""
-    state, action, time_features = random_inputs(seed=9)
-    key = jax.random.PRNGKey(10)
-    reference = ConcatenatedInputMLP(16, hidden_layers, ACTION_DIM).init(key, state, action, time_features)["params"]
-    net, method = split_mlp(script, hidden_layers)
-    params = net.init(key, state, action, time_features, method=method)["params"]
-    assert jax.tree.structure(params) == jax.tree.structure(reference)
-    for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
 @pytest.mark.parametrize("script", [naive, gru, transformer, offline_naive, offline_gru, offline_transformer])
@@ -180,12 +134,12 @@ def test_one_row_of_time_features_is_broadcast_over_the_batch(script):
     sizes |= {offline_naive: sizes[naive], offline_gru: sizes[gru], offline_transformer: sizes[transformer]}
     net = script.VelocityNet(ACTION_DIM, *sizes[script])
     state, action, time_features = random_inputs(seed=11)
-    params = net.init(jax.random.PRNGKey(12), state, action, time_features, method=whole_velocity)["params"]
+    params = net.init(jax.random.PRNGKey(12), state, action, time_features)["params"]
     params = perturbed(params, seed=13)
     one_row = time_features[:1]
     repeated = np.repeat(one_row, BATCH, axis=0)
-    v_one_row = net.apply({"params": params}, state, action, one_row, method=whole_velocity)
-    v_repeated = net.apply({"params": params}, state, action, repeated, method=whole_velocity)
+    v_one_row = net.apply({"params": params}, state, action, one_row)
+    v_repeated = net.apply({"params": params}, state, action, repeated)
     assert v_one_row.shape == (BATCH, ACTION_DIM)
     np.testing.assert_allclose(np.asarray(v_one_row), np.asarray(v_repeated), rtol=1e-6, atol=1e-6)
 
@@ -202,7 +156,7 @@ FLOW_T_SCRIPTS = pytest.mark.parametrize(
 def make_transformer_velocity(seed: int = 4, script=transformer):
     net = script.VelocityNet(ACTION_DIM, D_MODEL, N_HEADS, N_LAYERS)
     state, action, time_features = random_inputs()
-    params = net.init(jax.random.PRNGKey(seed), state, action, time_features, method=whole_velocity)["params"]
+    params = net.init(jax.random.PRNGKey(seed), state, action, time_features)["params"]
     return net, perturbed(params, seed=seed + 1)
 
 
@@ -269,7 +223,7 @@ def transformer_velocity_np(p, state, action, time_features):
 def test_flow_t_velocity_matches_numpy_decoder(script):
     net, params = make_transformer_velocity(script=script)
     state, action, time_features = random_inputs(seed=7)
-    v = np.asarray(net.apply({"params": params}, state, action, time_features, method=whole_velocity))
+    v = np.asarray(net.apply({"params": params}, state, action, time_features))
     expected = transformer_velocity_np(
         to_numpy(params), *(a.astype(np.float64) for a in (state, action, time_features))
     )
@@ -303,11 +257,8 @@ def test_flow_t_decoder_block_equals_flax_multi_head_attention(script, context_t
     action_token = rng.normal(size=(BATCH, D_MODEL)).astype(np.float32)
     context = rng.normal(size=(BATCH, context_tokens, D_MODEL)).astype(np.float32)
 
-    def attend(block, action_token, context):
-        return block(action_token, *block.keys_and_values(context))
-
     block = script.DecoderBlock(D_MODEL, N_HEADS)
-    params = perturbed(block.init(jax.random.PRNGKey(0), action_token, context, method=attend)["params"], seed=1)
+    params = perturbed(block.init(jax.random.PRNGKey(0), action_token, context)["params"], seed=1)
     assert ("query" in params) == ("key" in params) == (context_tokens > 1)
     reference = FlaxAttentionBlock(D_MODEL, N_HEADS)
     reference_params = perturbed(reference.init(jax.random.PRNGKey(1), action_token, context)["params"], seed=2)
@@ -317,11 +268,11 @@ def test_flow_t_decoder_block_equals_flax_multi_head_attention(script, context_t
     reference_params["cross_attention"] = {**reference_params["cross_attention"], **attention}
     reference_params["cross_attention"]["out"] = params["attention_out"]
 
-    out = block.apply({"params": params}, action_token, context, method=attend)
+    out = block.apply({"params": params}, action_token, context)
     expected = reference.apply({"params": reference_params}, action_token, context)
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
     if context_tokens > 1:  # the attention weights depend on the query: another action token, another mix
-        moved = block.apply({"params": params}, action_token + 1.0, context, method=attend)
+        moved = block.apply({"params": params}, action_token + 1.0, context)
         moved_expected = reference.apply({"params": reference_params}, action_token + 1.0, context)
         np.testing.assert_allclose(np.asarray(moved), np.asarray(moved_expected), rtol=1e-5, atol=1e-5)
 
@@ -332,10 +283,10 @@ def test_flow_t_flow_steps_do_not_attend_to_each_other():
     net, params = make_transformer_velocity()
     state, action, time_features = random_inputs(seed=8)
     state[:] = state[0]  # the same state for every flow step
-    v = np.asarray(net.apply({"params": params}, state, action, time_features, method=whole_velocity))
+    v = np.asarray(net.apply({"params": params}, state, action, time_features))
     changed_action = action.copy()
     changed_action[2] += 1.5
-    v_changed = np.asarray(net.apply({"params": params}, state, changed_action, time_features, method=whole_velocity))
+    v_changed = np.asarray(net.apply({"params": params}, state, changed_action, time_features))
     others = np.arange(BATCH) != 2
     np.testing.assert_allclose(v_changed[others], v[others], rtol=0, atol=1e-6)
     assert np.abs(v_changed[2] - v[2]).max() > 1e-3
