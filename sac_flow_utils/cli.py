@@ -49,6 +49,11 @@ def parse_args(args_class: type, script: str):
         if not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool):
             name = type(default).__name__
             raise SystemExit(f"error: {args.resume}/args.json: {field.name} is {value!r}, not of type {name}")
+    missing = [field for field in dataclasses.fields(args_class) if field.name not in saved_args]
+    if missing:  # a run made by an older version: say which settings it did not record
+        defaults = ", ".join(f"--{field.name.replace('_', '-')} {getattr(saved, field.name)}" for field in missing)
+        print(f"note: {args.resume}/args.json has no {', '.join(field.name for field in missing)}; this version's "
+              f"defaults apply ({defaults}) unless given as flags", flush=True)  # fmt: skip
     return tyro.cli(args_class, default=saved), checkpoint
 
 

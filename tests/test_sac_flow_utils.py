@@ -1,14 +1,17 @@
 """sac_flow_utils, in-process: the helpers that guard a run's files and its stops, tested without training."""
 
 import csv
+import dataclasses
+import json
 import os
 import signal
+import sys
 
 import flax
 import numpy as np
 import pytest
 
-from sac_flow_utils import checkpoints, runs
+from sac_flow_utils import checkpoints, cli, runs
 
 
 def keep_metrics_before(run_dir, step: int):
@@ -82,3 +85,25 @@ def test_first_signal_is_recorded_and_a_second_ctrl_c_exits_at_once():
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@dataclasses.dataclass
+class SettingArgs(cli.RunArgs):
+    exp_name: str = "test"
+    seed: int = 1
+    alpha_optimizer: str = "sgd"
+    """a setting that a run made by an older version did not record"""
+
+
+def test_resume_of_a_run_that_did_not_record_a_setting_names_it_and_its_default(tmp_path, monkeypatch, capsys):
+    (tmp_path / "args.json").write_text(json.dumps({"exp_name": "old", "seed": 3}))
+    (tmp_path / "checkpoint.flax").write_bytes(flax.serialization.msgpack_serialize({"script": "x.py", "step": 5}))
+    monkeypatch.setattr(sys, "argv", ["x.py", "--resume", str(tmp_path)])
+    args, checkpoint = cli.parse_args(SettingArgs, "x.py")
+    assert (args.exp_name, args.seed, args.alpha_optimizer, int(checkpoint["step"])) == ("old", 3, "sgd", 5)
+    note = capsys.readouterr().out
+    assert "has no" in note and "alpha_optimizer" in note and "--alpha-optimizer sgd" in note
+    assert "seed" not in note.split("defaults apply")[0].split("has no")[1]  # recorded settings are not named
+
+    monkeypatch.setattr(sys, "argv", ["x.py", "--resume", str(tmp_path), "--alpha-optimizer", "adam"])
+    assert cli.parse_args(SettingArgs, "x.py")[0].alpha_optimizer == "adam"
