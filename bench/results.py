@@ -20,10 +20,17 @@ Examples:
     python bench/results.py --protocol paper --only sac_flow_gru  # on a GPU machine or a cluster node
 
 Sittings with disjoint --only lists may run at once on the same --out (one per core, or per node): each records
-its runs in state.json without undoing the others', and the summary covers every run finished so far.
+its runs in state.json without undoing the others' (under a lock on <out>/state.lock), and the summary covers every
+run finished so far. --run-index i runs run i of the list alone (the numbering of --dry-run).
+
+On a SLURM cluster, --slurm submits the runs not finished as one job array, one task per run, each task running
+--run-index; --slurm-status shows each run's state and writes the summary (bench/slurm.py, docs/long_runs.md):
+    python bench/results.py --protocol paper --out /shared/paper --slurm --slurm-gpus 1 --slurm-time 24:00:00
+    python bench/results.py --protocol paper --out /shared/paper --slurm-status
 """
 
 import csv
+import fcntl
 import glob
 import json
 import os
@@ -33,11 +40,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Annotated
 
 import gymnasium as gym
 import numpy as np
 import tyro
 import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/slurm.py, when loaded by path (the tests)
+import slurm  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTOCOLS = os.path.join(REPO, "bench", "protocols")
@@ -57,6 +68,32 @@ class Args:
     """print the runs and their commands, run nothing"""
     summary_only: bool = False
     """write the summary and figures from the runs done so far, run nothing"""
+    run_index: int | None = None
+    """run only run i of the list --dry-run prints (resumed if it has a checkpoint); with --slurm, submit it alone"""
+    prepare_only: bool = False
+    """run the protocol's preparation commands only (what the SLURM prepare job runs)"""
+    slurm: bool = False
+    """submit the runs neither finished nor queued to SLURM as a job array, one task per run (bench/slurm.py)"""
+    slurm_status: bool = False
+    """print each run's state (finished, running, pending, failed) from SLURM and state.json, write the summary"""
+    slurm_partition: str | None = None
+    """sbatch --partition (None: the protocol's slurm: partition, else the cluster's default)"""
+    slurm_time: str | None = None
+    """sbatch --time, e.g. 24:00:00; a run stopped by the limit requeues itself and resumes"""
+    slurm_cpus: int | None = None
+    """sbatch --cpus-per-task"""
+    slurm_gpus: str | None = None
+    """GPUs per task, as sbatch --gres=gpu:<this>, e.g. 1 or a100:1"""
+    slurm_mem: str | None = None
+    """sbatch --mem, e.g. 32G"""
+    slurm_option: Annotated[tuple[str, ...], tyro.conf.UseAppendAction] = ()
+    """another sbatch option, e.g. qos=high or account=rl (after the protocol's slurm: options)"""
+    slurm_max_restarts: int | None = None
+    """how often a task requeues itself at its time limit (None: the protocol's, else 10)"""
+    slurm_signal_seconds: int | None = None
+    """SIGTERM to a task this many seconds before its time limit (None: the protocol's, else 300)"""
+    slurm_parallel: int | None = None
+    """at most this many array tasks at once (the array's %N; None: as many as the cluster allows)"""
 
 
 @dataclass
@@ -76,8 +113,12 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
+def protocol_path(name: str) -> str:
+    return name if name.endswith((".yaml", ".yml")) else os.path.join(PROTOCOLS, f"{name}.yaml")
+
+
 def load_protocol(name: str) -> tuple[str, dict]:
-    path = name if name.endswith((".yaml", ".yml")) else os.path.join(PROTOCOLS, f"{name}.yaml")
+    path = protocol_path(name)
     if not os.path.isfile(path):
         known = sorted(f[: -len(".yaml")] for f in os.listdir(PROTOCOLS) if f.endswith(".yaml"))
         fail(f"no protocol {name}; known: {', '.join(known)}")
@@ -137,22 +178,29 @@ def read_state(out: str) -> dict:
 
 def record_run(out: str, key: str, entry: dict) -> dict:
     """Writes one run's entry into <out>/state.json, merged with what is there now, and returns the merged state:
-    sittings that run disjoint --only subsets of a protocol at once keep each other's entries."""
-    state = read_state(out)
-    state[key] = entry
+    sittings that run disjoint --only subsets of a protocol at once, or SLURM array tasks, keep each other's entries.
+    The read-merge-replace holds a lock on <out>/state.lock: without it, two processes that read the same state
+    would each replace the file with their own entry added, and the first one's entry would be lost."""
     path = os.path.join(out, "state.json")
-    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-        json.dump(state, f, indent=1)
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    with open(os.path.join(out, "state.lock"), "a") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # POSIX record locks work on NFS too (flock may not); released on close
+        state = read_state(out)
+        state[key] = entry
+        with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
     return state
+
+
+def unprepared(protocol: dict, out: str) -> list[dict]:
+    """The protocol's preparation steps whose product does not exist yet."""
+    return [step for step in protocol.get("prepare", []) if not os.path.exists(expand(step["creates"], out))]
 
 
 def prepare(protocol: dict, out: str):
     """The protocol's preparation commands (e.g. generating a dataset), each skipped when what it creates exists."""
-    for step in protocol.get("prepare", []):
+    for step in unprepared(protocol, out):
         creates = expand(step["creates"], out)
-        if os.path.exists(creates):
-            continue
         command = [sys.executable, os.path.join(REPO, step["script"]), *as_flags(step.get("flags"), out)]
         print(f"preparing {creates}: {' '.join(command[1:])}", flush=True)
         returncode = run_child(command, os.path.join(out, "prepare.log"))
@@ -182,6 +230,7 @@ class Interruption:
 def run_child(command: list[str], log_path: str, cwd: str | None = None) -> int:
     """Runs command, its output shown and appended to log_path. Its own session: a Ctrl-C in the terminal reaches it
     once, through Interruption, not twice."""
+    Interruption.stop_if_interrupted()  # a signal that came before this child: do not start it
     with open(log_path, "a") as log:
         child = subprocess.Popen(
             command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -307,6 +356,105 @@ def eta_text(runs: list[Run], todo: list[Run], state: dict) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def run_one(name: str, protocol: dict, runs: list[Run], index: int, out: str, state: dict):
+    """--run-index: runs (or resumes) run `index` alone; a SLURM array task. The summary is left to
+    --summary-only or --slurm-status: tasks that end at once would otherwise write it at once."""
+    run = runs[index]
+    job_id = os.environ.get("SLURM_ARRAY_JOB_ID")
+    expected = slurm.submitted_key(out, job_id, index) if job_id else None
+    if expected is not None and expected != run.key:
+        fail(f"{name} has changed since job {job_id} was submitted: run {index} is {run.key}, was {expected}")
+    if state.get(run.key, {}).get("done"):
+        print(f"[{name}] run {index}: {run.key} is done already", flush=True)
+        return
+    prepare(protocol, out)
+    print(f"[{name}] run {index}: {run.key}", flush=True)
+    execute(run, out, state)
+    print(f"[{name}] run {index}: {run.key} done", flush=True)
+
+
+def slurm_settings(args: Args, protocol: dict) -> dict:
+    flags = {"partition": args.slurm_partition, "time": args.slurm_time, "cpus": args.slurm_cpus}
+    flags |= {"gpus": args.slurm_gpus, "mem": args.slurm_mem, "options": args.slurm_option}
+    flags |= {"max_restarts": args.slurm_max_restarts, "signal_seconds": args.slurm_signal_seconds}
+    return slurm.settings(protocol, flags | {"parallel": args.slurm_parallel})
+
+
+def slurm_runs(runs: list[Run], out: str, state: dict, dry_run: bool) -> tuple[list[slurm.RunStatus], dict]:
+    """Each run's status from its submissions (none yet: every run is finished or not submitted), and the jobs'
+    tasks as SLURM shows them."""
+    submissions = slurm.read_submissions(out)
+    try:
+        jobs = slurm.jobs_of(submissions)
+    except slurm.SlurmError as error:
+        if not dry_run:
+            raise
+        print(f"note: {error}; taking every run that state.json does not record as done", flush=True)
+        submissions, jobs = [], {}
+    return slurm.run_statuses([run.key for run in runs], state, submissions, jobs, out), jobs
+
+
+def submit_to_slurm(args: Args, name: str, protocol: dict, runs: list[Run], out: str, state: dict):
+    """--slurm: the runs neither finished nor queued or running, as one job array."""
+    config = slurm_settings(args, protocol)
+    statuses, jobs = slurm_runs(runs, out, state, args.dry_run)
+    chosen = {
+        s.index: s.key
+        for s in statuses
+        if s.status not in ("finished", *slurm.ACTIVE)
+        and (args.run_index is None or s.index == args.run_index)
+        and (not args.only or runs[s.index].name in args.only)
+    }
+    active = [s for s in statuses if s.status in slurm.ACTIVE]
+    if active:
+        print(f"{len(active)} runs queued or running already, not submitted again", flush=True)
+    if not chosen:
+        print(f"[{name}] nothing to submit: {sum(s.status == 'finished' for s in statuses)}/{len(runs)} runs done")
+        return
+    command = [sys.executable, os.path.abspath(__file__), "--protocol", os.path.abspath(protocol_path(args.protocol))]
+    command += ["--out", out]
+    # A preparation still queued or running from an earlier submission is waited for, not started a second time.
+    preparing = slurm.active_prepare_job(slurm.read_submissions(out), jobs)
+    prepare_job = bool(unprepared(protocol, out)) and preparing is None
+    if args.dry_run:
+        for index in chosen:
+            print(f"{index} {runs[index].key}: python {runs[index].script} {' '.join(runs[index].flags)}")
+        if prepare_job:
+            print(
+                "\n# the prepare job (sbatch --parsable):\n" + slurm.prepare_script(config, name, out, command), end=""
+            )
+        dependency = " ".join(["sbatch --parsable", *slurm.dependency(preparing or prepare_job and "<prepare job>")])
+        print(f"\n# the job array ({dependency}):\n" + slurm.array_script(config, name, out, command, list(chosen)))
+        print(f"(dry run: {len(chosen)} runs would be submitted; nothing submitted)")
+        return
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    submission = slurm.submit(config, name, out, command, chosen, prepare_job, after=preparing)
+    after = f" after the prepare job {submission['prepare_job_id']}" if submission["prepare_job_id"] else ""
+    print(f"[{name}] submitted job array {submission['job_id']}{after}: {len(chosen)} runs, one task each")
+    print(f"watch it with: python bench/results.py --protocol {args.protocol} --out {out} --slurm-status")
+
+
+def print_slurm_status(args: Args, name: str, protocol: dict, runs: list[Run], out: str, state: dict):
+    """--slurm-status: each run's state, then the summary of what has finished."""
+    submissions = slurm.read_submissions(out)
+    if not submissions:
+        fail(f"no SLURM submission recorded in {out}/slurm.json; submit with --slurm")
+    statuses, jobs = slurm_runs(runs, out, state, dry_run=False)
+    width = max(len(run.key) for run in runs)
+    for s in statuses:
+        print(f"{s.index:4d} {s.key:{width}} {s.status:13} {s.detail}")
+    prepare_job = submissions[-1].get("prepare_job_id")
+    if prepare_job:
+        task = (jobs.get(prepare_job) or {}).get(0)
+        log = os.path.join(out, "slurm", f"{prepare_job}-prepare.out")
+        print(f"prepare job {prepare_job}: {task.state if task else 'gone from SLURM'}; log {log}")
+    counts = {status: sum(s.status == status for s in statuses) for status in slurm.STATUSES}
+    print(f"[{name}] " + ", ".join(f"{n} {status}" for status, n in counts.items()), flush=True)
+    if counts["failed"] or counts["not submitted"]:
+        print(f"submit them again with: python bench/results.py --protocol {args.protocol} --out {out} --slurm")
+    write_summary(name, protocol, runs, out, state, args.summary_dir or os.path.join(REPO, "docs", "results", name))
+
+
 def main():
     args = tyro.cli(Args)
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -317,15 +465,30 @@ def main():
     runs = protocol_runs(protocol, out)
     if args.only and not {run.name for run in runs} & set(args.only):
         fail(f"--only {' '.join(args.only)} names none of {', '.join(sorted({run.name for run in runs}))}")
+    if args.run_index is not None and not 0 <= args.run_index < len(runs):
+        fail(f"--run-index {args.run_index} is out of range: {name} has runs 0 to {len(runs) - 1}")
+    if args.slurm and args.slurm_status:
+        fail("--slurm submits, --slurm-status reports: give one of them")
+    state = read_state(out)
+    try:
+        if args.slurm:
+            return submit_to_slurm(args, name, protocol, runs, out, state)
+        if args.slurm_status:
+            return print_slurm_status(args, name, protocol, runs, out, state)
+    except slurm.SlurmError as error:
+        fail(str(error))
     if args.dry_run:
-        for run in runs:
-            print(f"{run.key}: python {run.script} {' '.join(run.flags)}")
+        for index, run in enumerate(runs):
+            print(f"{index} {run.key}: python {run.script} {' '.join(run.flags)}")
         return
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    state = read_state(out)
     if args.summary_only:
         write_summary(name, protocol, runs, out, state, summary_dir)
         return
+    if args.prepare_only:
+        return prepare(protocol, out)
+    if args.run_index is not None:
+        return run_one(name, protocol, runs, args.run_index, out, state)
     prepare(protocol, out)
     todo = [run for run in runs if not state.get(run.key, {}).get("done") and (not args.only or run.name in args.only)]
     start = time.time()

@@ -2,6 +2,7 @@
 resumes its run, skips the finished ones and writes the summary."""
 
 import csv
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -131,4 +132,23 @@ def test_sittings_with_disjoint_runs_keep_each_other_s_entries(tmp_path):
             "b/env/1": {"run_dir": "rb", "done": True, "seconds": 7.0},
         }
     )
-    assert list(tmp_path.iterdir()) == [tmp_path / "state.json"]  # no temporary file left behind
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["state.json", "state.lock"]  # no temporary file
+
+
+def record_many(out: str, prefix: str):
+    for i in range(40):
+        RESULTS.record_run(out, f"{prefix}/env/{i}", {"run_dir": None, "done": True, "seconds": 1.0})
+
+
+def test_processes_recording_at_once_lose_no_entry(tmp_path):
+    """SLURM array tasks (or sittings) that end at the same moment each merge their entry into state.json: the lock
+    on state.lock keeps one process's read-merge-replace from overwriting another's entry."""
+    processes = [
+        multiprocessing.get_context("fork").Process(target=record_many, args=(str(tmp_path), p)) for p in "abcd"
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    assert len(RESULTS.read_state(str(tmp_path))) == 4 * 40
