@@ -231,8 +231,8 @@ def test_flow_t_velocity_matches_numpy_decoder(script):
 
 
 class FlaxAttentionBlock(nn.Module):
-    """The decoder block written with flax's own nn.MultiHeadDotProductAttention over (batch, m, d_model) tokens,
-    as the scripts were before its state-only part was computed once per rollout."""
+    """The decoder block written with flax's own nn.MultiHeadDotProductAttention over (batch, m, d_model) tokens:
+    an independent reference for the scripts' block, which computes no query or key for one context token."""
 
     d_model: int
     n_heads: int
