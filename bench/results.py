@@ -9,7 +9,8 @@ Running the same command again skips the finished runs and resumes the interrupt
 After every run, and at the end, it writes <summary-dir>/summary.csv (script, env, seed, step, key, value: every
 evaluation row of the protocol's metrics, plus a uniformly random policy's return when the protocol asks for it)
 and draws <summary-dir>/<key>.png with tools/plot_runs.py (mean and, as the protocol's `band` says, the 95 %
-interval over seeds or the lowest to highest seed).
+interval over seeds or the lowest to highest seed), and <summary-dir>/runs.json (the finished runs and their wall
+time): committed with the summary, it lets a sitting on a fresh clone skip the runs finished elsewhere.
 
 Ctrl-C or SIGTERM is passed on to the running script; the tool then exits (130 or 143) and the next start resumes.
 A sitting killed outright (SIGKILL) records nothing; the next start takes up the newest run directory it left behind.
@@ -307,7 +308,46 @@ def random_policy_return(env_id: str, episodes: int = 10, seed: int = 0) -> floa
     return float(np.mean(returns))
 
 
+def restore_finished_runs(runs: list[Run], out: str, state: dict, summary_dir: str) -> dict:
+    """Runs that <summary_dir>/runs.json (committed with the summary) records as finished but this <out> does not
+    hold (a fresh clone, or a machine that lost its work tree between sittings) are not run again: each gets a run
+    directory rebuilt from its summary.csv rows (args.json and metrics.csv, the protocol's metrics only) and is
+    recorded as done in state.json. Returns the updated state."""
+    finished_path, summary_path = os.path.join(summary_dir, "runs.json"), os.path.join(summary_dir, "summary.csv")
+    if not os.path.exists(finished_path) or not os.path.exists(summary_path):
+        return state
+    try:
+        with open(finished_path) as f:
+            finished = {key: entry["seconds"] for key, entry in json.load(f).items() if entry["done"]}
+        with open(summary_path, newline="") as f:
+            summary_rows = list(csv.DictReader(f))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        fail(f"cannot read {finished_path} or {summary_path} ({error}); restore them with git")
+    restored = 0
+    for run in runs:
+        if run.key not in finished or state.get(run.key, {}).get("done"):
+            continue
+        run_dir = os.path.join(out, "runs", f"{run.env}__{run.name}__{run.seed}__restored")
+        os.makedirs(run_dir, exist_ok=True)
+        env_key = run.flags[0].removeprefix("--").replace("-", "_")  # env_id or env_name: the script's own field
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump({"exp_name": run.name, env_key: run.env, "seed": run.seed, "restored_from": summary_path}, f)
+        with open(os.path.join(run_dir, "metrics.csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["global_step", "key", "value"])
+            for row in summary_rows:
+                if (row["script"], row["env"], row["seed"]) == (run.name, run.env, str(run.seed)):
+                    writer.writerow([row["step"], row["key"], row["value"]])
+        state = record_run(out, run.key, {"run_dir": run_dir, "done": True, "seconds": finished[run.key]})
+        restored += 1
+    if restored:
+        print(f"{restored} finished runs restored from {summary_dir} (their run directories were not in {out})")
+    return state
+
+
 def write_summary(protocol_name: str, protocol: dict, runs: list[Run], out: str, state: dict, summary_dir: str):
+    """<summary_dir>/summary.csv (the metrics' rows of every run so far), runs.json (which runs finished and their
+    wall time, so that a fresh clone skips them: restore_finished_runs) and one figure per metric."""
     rows = []
     for run in runs:
         run_dir = state.get(run.key, {}).get("run_dir")
@@ -335,6 +375,13 @@ def write_summary(protocol_name: str, protocol: dict, runs: list[Run], out: str,
         writer = csv.writer(f)
         writer.writerow(["script", "env", "seed", "step", "key", "value"])
         writer.writerows(rows)
+    with open(os.path.join(summary_dir, "runs.json"), "w") as f:
+        finished = {
+            r.key: {"done": state[r.key]["done"], "seconds": round(state[r.key]["seconds"])}
+            for r in runs
+            if r.key in state
+        }
+        json.dump(finished, f, indent=1)
     for key in protocol["metrics"]:
         if any(row[4] == key for row in rows if row[0] != "random"):
             figure = os.path.join(summary_dir, key.replace("/", "_") + ".png")
@@ -482,6 +529,7 @@ def main():
             print(f"{index} {run.key}: python {run.script} {' '.join(run.flags)}")
         return
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    state = restore_finished_runs(runs, out, state, summary_dir)
     if args.summary_only:
         write_summary(name, protocol, runs, out, state, summary_dir)
         return

@@ -117,6 +117,40 @@ def test_summary_steps_are_environment_steps_done_in_both_folders(tmp_path):
         assert {(row["script"], int(row["step"])) for row in csv.DictReader(f)} == {("sac", 30000), ("qc_fql", 30000)}
 
 
+def test_finished_runs_of_a_committed_summary_are_not_run_again(tmp_path):
+    """A fresh clone (or a machine that lost its work tree) has the committed summary.csv and runs.json but no run
+    directories: the finished runs are rebuilt from the summary's rows and skipped, the unfinished one is not."""
+    protocol = {"metrics": ["eval/episodic_return"], "checkpoint_every": 1}
+    protocol["groups"] = [
+        {"scripts": ["from_scratch/sac.py"], "env_flag": "env-id", "envs": ["Hopper-v4"], "seeds": [1, 2]}
+    ]
+    first_out, summary = tmp_path / "first", tmp_path / "summary"
+    runs = RESULTS.protocol_runs(protocol, str(first_out))
+    state = {}
+    for run, steps in zip(runs, ([1000, 2000], [1000])):
+        run_dir = first_out / "runs" / f"Hopper-v4__sac__{run.seed}__1"
+        run_dir.mkdir(parents=True)
+        lines = [f"{step},eval/episodic_return,{step + run.seed}" for step in steps]
+        (run_dir / "metrics.csv").write_text("global_step,key,value\n" + "\n".join(lines) + "\n")
+        (run_dir / "args.json").write_text(f'{{"exp_name": "sac", "env_id": "Hopper-v4", "seed": {run.seed}}}')
+        state[run.key] = {"run_dir": str(run_dir), "done": len(steps) == 2, "seconds": 60.0 * run.seed}
+    RESULTS.write_summary("test", protocol, runs, str(first_out), state, str(summary))
+    written = (summary / "summary.csv").read_text()
+
+    fresh_out = tmp_path / "fresh"
+    restored = RESULTS.restore_finished_runs(runs, str(fresh_out), {}, str(summary))
+    assert restored == {"sac/Hopper-v4/1": {"run_dir": str(fresh_out / "runs" / "Hopper-v4__sac__1__restored"),
+                                            "done": True, "seconds": 60}}  # fmt: skip
+    assert RESULTS.read_state(str(fresh_out)) == restored
+    RESULTS.write_summary("test", protocol, runs, str(fresh_out), restored, str(summary))
+    rows = {(row["seed"], row["step"], row["value"]) for row in csv.DictReader(open(summary / "summary.csv"))}
+    assert (
+        rows
+        == {("1", "1000", "1001.0"), ("1", "2000", "2001.0")}
+        != {(row["seed"], row["step"], row["value"]) for row in csv.DictReader(written.splitlines())}
+    )  # the unfinished run's rows go with its directory; the finished run's rows are kept as they were
+
+
 def test_sittings_with_disjoint_runs_keep_each_other_s_entries(tmp_path):
     # Two sittings (--only a, --only b) started from the same state.json, each recording its own run.
     RESULTS.record_run(str(tmp_path), "a/env/1", {"run_dir": "ra", "done": False, "seconds": 1.0})
