@@ -1,4 +1,4 @@
-"""QC-FQL: flow Q-learning with action chunking, offline-to-online on OGBench (JAX, cleanrl style).
+"""QC-FQL: flow Q-learning with action chunking, offline-to-online on OGBench and Robomimic (JAX, cleanrl style).
 
 With --horizon-length 1 this is plain FQL (Park et al., 2025); with h > 1 it is QC-FQL (Li et al., 2025,
 "Reinforcement Learning with Action Chunking"), the baseline that SAC Flow's offline-to-online experiments build on.
@@ -27,6 +27,7 @@ transition and makes one update.
 Example:
     python offline_to_online/make_dataset.py --env-name cube-triple-play-v0
     python offline_to_online/qc_fql.py --env-name cube-triple-play-singletask-task4-v0 --alpha 100 --horizon-length 5
+    python offline_to_online/qc_fql.py --env-name square-mh-low_dim  # Robomimic (setup.md)
 """
 
 import functools
@@ -52,13 +53,16 @@ class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resu
     seed: int = 1
     """seed of the experiment (networks, noise, environment)"""
     env_name: str = "cube-triple-play-singletask-task4-v0"
-    """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0)"""
+    """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0), or Robomimic task as QC names it
+    (<lift|can|square>-<mh|ph>-low_dim, e.g. square-mh-low_dim)"""
     dataset_dir: str | None = None
-    """directory holding <dataset>.npz (None: ~/.ogbench/data); make it with offline_to_online/make_dataset.py"""
+    """directory holding <dataset>.npz (None: ~/.ogbench/data; make it with offline_to_online/make_dataset.py);
+    Robomimic: holding <task>/<type>/low_dim_v15.hdf5 (None: ~/.robomimic, robomimic's download layout) or the file"""
     sparse: bool = False
     """sparse reward as in QC: reward 0 when the whole task is solved, -1 otherwise (instead of -#unsolved subtasks)"""
     max_episode_steps: int | None = None
-    """override the environment's time limit (None: the env's own, 1000 for cube tasks); for quick tests"""
+    """override the environment's time limit (None: the env's own, 1000 for cube tasks; QC's 300 for Robomimic lift
+    and can, 400 for square); for quick tests"""
 
     offline_steps: int = 1_000_000
     """number of offline updates on the dataset"""
@@ -100,7 +104,7 @@ class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resu
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: OGBench dataset → replay buffer on the device
+# Data: OGBench or Robomimic dataset → replay buffer on the device
 
 
 def make_replay_buffer(dataset: dict, capacity: int, sparse: bool) -> dict:

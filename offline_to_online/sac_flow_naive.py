@@ -1,4 +1,4 @@
-"""Naive SAC Flow offline-to-online on OGBench: a flow policy with a plain MLP velocity, action chunks.
+"""Naive SAC Flow offline-to-online on OGBench and Robomimic: a flow policy with a plain MLP velocity, action chunks.
 
 The offline-to-online agent of SAC Flow (arXiv 2509.25756) on the QC-FQL setup (qc_fql.py): the policy outputs a
 chunk of h actions as one vector of D = h·d numbers, and the whole chunk runs open-loop in the environment.
@@ -8,7 +8,7 @@ Policy: the noise-augmented flow rollout, K steps, Δt = 1/K, t_k = k·Δt, over
     v_k = v_θ(LN(s), A_k, φ(t_k))                                     velocity network (below), state LayerNorm-ed
     b_k = (1 + t_k σ² / (2(1 − t_k))) · v_k − σ² / (2(1 − t_k)) · A_k   drift that keeps the flow's marginals
     A_{k+1} = A_k + Δt · b_k + σ √Δt · ε_k,   ε_k ~ N(0, I_D)
-    chunk = tanh(A_K)                                                 (OGBench actions are in [−1, 1])
+    chunk = tanh(A_K)                                                 (OGBench's and Robomimic's actions: [−1, 1])
     log π = log N(A_0; 0, I) + Σ_k log N(A_{k+1}; A_k + Δt b_k, σ² Δt I) − Σ_j log(1 − tanh(A_K)_j² + 1e-6)
 
 σ is a state-dependent standard deviation (log σ squashed into [−5, log √2]) unless --noise-std fixes it.
@@ -39,6 +39,7 @@ docs/design.md explains the choices (BC in pre-tanh space, entropy in the TD tar
 Example:
     python offline_to_online/make_dataset.py --env-name cube-triple-play-v0
     python offline_to_online/sac_flow_naive.py --env-name cube-triple-play-singletask-task4-v0 --alpha 100
+    python offline_to_online/sac_flow_naive.py --env-name square-mh-low_dim  # Robomimic (setup.md)
 """
 
 import functools
@@ -65,13 +66,16 @@ class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resu
     seed: int = 1
     """seed of the experiment (networks, noise, environment)"""
     env_name: str = "cube-triple-play-singletask-task4-v0"
-    """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0)"""
+    """OGBench single-task dataset name (<env>-<dataset type>-singletask[-taskN]-v0), or Robomimic task as QC names it
+    (<lift|can|square>-<mh|ph>-low_dim, e.g. square-mh-low_dim)"""
     dataset_dir: str | None = None
-    """directory holding <dataset>.npz (None: ~/.ogbench/data); make it with offline_to_online/make_dataset.py"""
+    """directory holding <dataset>.npz (None: ~/.ogbench/data; make it with offline_to_online/make_dataset.py);
+    Robomimic: holding <task>/<type>/low_dim_v15.hdf5 (None: ~/.robomimic, robomimic's download layout) or the file"""
     sparse: bool = False
     """sparse reward as in QC: reward 0 when the whole task is solved, -1 otherwise (instead of -#unsolved subtasks)"""
     max_episode_steps: int | None = None
-    """override the environment's time limit (None: the env's own, 1000 for cube tasks); for quick tests"""
+    """override the environment's time limit (None: the env's own, 1000 for cube tasks; QC's 300 for Robomimic lift
+    and can, 400 for square); for quick tests"""
 
     offline_steps: int = 1_000_000
     """number of offline updates on the dataset"""
@@ -129,7 +133,7 @@ class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resu
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data: OGBench dataset → replay buffer on the device
+# Data: OGBench or Robomimic dataset → replay buffer on the device
 
 
 def make_replay_buffer(dataset: dict, capacity: int, sparse: bool) -> dict:

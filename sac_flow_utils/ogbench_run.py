@@ -1,5 +1,5 @@
-"""An offline-to-online run's life around its two training loops: the OGBench task and its dataset, the run directory
-and log, the keys and logs of the offline updates, the online phase's action chunks and episodes, evaluation,
+"""An offline-to-online run's life around its two training loops: the OGBench or Robomimic task and its dataset, the run
+directory and log, the keys and logs of the offline updates, the online phase's action chunks and episodes, evaluation,
 checkpoints, stop signals and the divergence stop. The script's main keeps the loops themselves: blocks of offline
 updates; then environment step, store and update, next chunk, log, evaluate, checkpoint."""
 
@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sac_flow_utils import checkpoints, ogbench_tasks, runs
+from sac_flow_utils import checkpoints, ogbench_tasks, robomimic_tasks, runs
 
 PROGRESS_UPDATES = 100  # offline updates per jitted call, so that the console hears from the run every few seconds
 
@@ -24,15 +24,21 @@ class OgbenchRun:
         """The environments and the dataset's path, before anything is written: the script can still refuse them."""
         self.args, self.script, self.resume_checkpoint = args, script, checkpoint
         self.start_offline, self.start_online = checkpoints.offline_start(args, checkpoint)
-        self.env, self.eval_env, self.dataset_path = ogbench_tasks.make_ogbench_envs(
-            args.env_name, args.dataset_dir, args.max_episode_steps
-        )
+        # A Robomimic name (`square-mh-low_dim`) selects robomimic_tasks; every other name is an OGBench one.
+        self.robomimic = robomimic_tasks.is_robomimic_name(args.env_name)
+        make_envs = robomimic_tasks.make_robomimic_envs if self.robomimic else ogbench_tasks.make_ogbench_envs
+        self.env, self.eval_env, self.dataset_path = make_envs(args.env_name, args.dataset_dir, args.max_episode_steps)
+        # Added to every online reward before it is stored (Robomimic: QC's success - 1; the dataset's already is).
+        self.reward_offset = robomimic_tasks.REWARD_OFFSET if self.robomimic else 0.0
         self.obs_dim, self.action_dim = self.env.observation_space.shape[0], self.env.action_space.shape[0]
         self.total_steps = args.offline_steps + args.online_steps
 
     def load_dataset(self, min_size: int) -> dict:
         """The dataset's transitions (a one-line error if it is missing, damaged or smaller than min_size)."""
-        dataset = ogbench_tasks.load_ogbench_dataset(self.env, self.dataset_path, min_size)
+        if self.robomimic:
+            dataset = robomimic_tasks.load_robomimic_dataset(self.env, self.dataset_path, self.args.env_name, min_size)
+        else:
+            dataset = ogbench_tasks.load_ogbench_dataset(self.env, self.dataset_path, min_size)
         self.dataset_size = len(dataset["observations"])
         return dataset
 
@@ -138,6 +144,7 @@ class OgbenchRun:
         next_observation, reward, terminated, truncated, info = self.env.step(action)
         self.episode_return += float(reward)
         self.episode_length += 1
+        reward = float(reward) + self.reward_offset
         if args.sparse:
             reward = -1.0 if reward != 0.0 else 0.0
         transition = {

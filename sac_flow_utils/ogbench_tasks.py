@@ -23,7 +23,8 @@ def split_ogbench_name(name: str) -> tuple[str, str]:
     parts = name.split("-")
     if "singletask" not in parts:
         raise SystemExit(
-            f"error: --env-name {name} is not an OGBench single-task name (<env>-<type>-singletask-...-v0)"
+            f"error: --env-name {name} is not an OGBench single-task name (<env>-<type>-singletask-...-v0) nor a "
+            "Robomimic one (<task>-<mh|ph>-low_dim)"
         )
     pos = parts.index("singletask")
     return "-".join(parts[: pos - 1] + parts[pos:]), "-".join(parts[:pos] + parts[-1:])
