@@ -190,6 +190,9 @@ def gaussian_log_density(standard_noise, std):
     return jnp.sum(-0.5 * standard_noise**2 - jnp.log(std) - 0.5 * math.log(2 * math.pi), axis=-1)
 
 
+SATURATED = math.tanh(2.0)  # an action entry whose pre-tanh value is beyond ±2 (|tanh| > 0.964) counts as saturated
+
+
 def squash(pre_tanh_action, action_scale, action_bias):
     """a = scale · tanh(u) + bias, and the log-determinant term log|da/du| (with CleanRL's 1e-6)."""
     y = jnp.tanh(pre_tanh_action)
@@ -257,7 +260,7 @@ def create_state(agent: SAC, key, obs_dim: int) -> AgentState:
     critic_vars = init_critic(jax.random.split(critic_key, 2))
     log_alpha = jnp.asarray(math.log(args.alpha), jnp.float32)
     policy_optimizer, critic_optimizer, _ = make_optimizers(args)
-    actor_metric_names = ["losses/actor_loss", "losses/alpha_loss", "losses/entropy"]
+    actor_metric_names = ["losses/actor_loss", "losses/alpha_loss", "losses/entropy", "policy/tanh_saturation"]
     return AgentState(
         policy=renorm_train_state(agent.policy, policy_vars, policy_optimizer),
         critic=renorm_train_state(agent.q_network, critic_vars, critic_optimizer),
@@ -338,10 +341,10 @@ def update_actor_and_alpha(agent: SAC, policy_state, log_alpha, alpha_opt_state,
     def actor_loss_fn(params):
         actions, log_prob, batch_stats = sample_actions(agent, params, policy_state.batch_stats, obs, key, True)
         q, _ = critic_values(agent.q_network, critic.params, critic.batch_stats, obs, actions, train=False)
-        return jnp.mean(alpha * log_prob - q.min(axis=0)), (batch_stats, log_prob)
+        return jnp.mean(alpha * log_prob - q.min(axis=0)), (batch_stats, log_prob, actions)
 
     actor_loss_and_grad = jax.value_and_grad(actor_loss_fn, has_aux=True)
-    (actor_loss, (batch_stats, log_prob)), grads = actor_loss_and_grad(policy_state.params)
+    (actor_loss, (batch_stats, log_prob, actions)), grads = actor_loss_and_grad(policy_state.params)
     policy_state = policy_state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
     alpha_loss_value, alpha_grad = jax.value_and_grad(alpha_loss)(log_alpha, log_prob, agent.target_entropy)
     if agent.args.autotune:
@@ -351,6 +354,8 @@ def update_actor_and_alpha(agent: SAC, policy_state, log_alpha, alpha_opt_state,
         "losses/actor_loss": actor_loss,
         "losses/alpha_loss": alpha_loss_value,
         "losses/entropy": -log_prob.mean(),
+        # the flows log the same share: with the tanh, how much of the entropy's gap the squash carries
+        "policy/tanh_saturation": jnp.mean(jnp.abs(actions - agent.action_bias) > SATURATED * agent.action_scale),
     }
     return policy_state, log_alpha, alpha_opt_state, metrics
 

@@ -323,7 +323,7 @@ def gaussian_log_density(standard_noise, std):
     return jnp.sum(-0.5 * standard_noise**2 - jnp.log(std) - 0.5 * math.log(2 * math.pi), axis=-1)
 
 
-SATURATED = math.tanh(2.0)  # an action entry with |tanh(A_K)| above this (|A_K| > 2) counts as saturated
+SATURATED = math.tanh(2.0)  # an action entry whose pre-tanh value is beyond ±2 (|tanh| > 0.964) counts as saturated
 
 
 def squash(pre_tanh_action, action_scale, action_bias):

@@ -90,13 +90,9 @@ def test_deterministic_action_is_squashed_mean():
         np.testing.assert_allclose(np.asarray(got), ACTION_SCALE * np.tanh(mean[i]) + ACTION_BIAS, rtol=1e-5, atol=1e-5)
 
 
-def test_train_step_entropy_and_default_target_entropy():
-    """Through the jitted train step (one actor update): with μ = 0, σ = e⁻⁵ and scale 100, u ≈ 0 and
-    log π ≈ Σ_j (−ε_j²/2 + 5 − ½ log 2π) − d log 100, so the reported entropy −mean log π ≈ d (log 100 − 5 + ½ log 2π
-    + ½): the tanh correction is in the loss the actor sees. L_α = −log α · (mean log π + H_target) then gives back
-    H_target, which must be −action_dim by default (the flow scripts use 0)."""
-    args = sac.Args(critic_hidden=16, actor_hidden=16, batch_size=64, buffer_size=64, learning_starts=4, policy_delay=1)
-    assert args.target_entropy is None
+def metrics_of_one_actor_update(args, mean_bias: np.ndarray) -> dict:
+    """The metrics of the jitted train step (one actor update) for a policy with μ = mean_bias, σ = e⁻⁵ (log σ's
+    bias at −10 saturates its squash) and action scale 100, whatever the state."""
     rng = np.random.default_rng(0)
     obs, next_obs = jnp.asarray(rng.normal(size=(2, OBS_DIM)), jnp.float32)
     action = jnp.asarray(rng.uniform(-1, 1, size=ACTION_DIM), jnp.float32)
@@ -104,20 +100,37 @@ def test_train_step_entropy_and_default_target_entropy():
     agent = sac.make_agent(args, ACTION_DIM, action_scale, np.zeros(ACTION_DIM, np.float32))
     state = sac.create_state(agent, jax.random.PRNGKey(0), OBS_DIM)
     params = dict(state.policy.params)
-    params["mean"] = {"kernel": jnp.zeros_like(params["mean"]["kernel"]), "bias": jnp.zeros(ACTION_DIM)}
+    params["mean"] = {"kernel": jnp.zeros_like(params["mean"]["kernel"]), "bias": jnp.asarray(mean_bias, jnp.float32)}
     params["log_std"] = {"kernel": jnp.zeros_like(params["log_std"]["kernel"]), "bias": jnp.full(ACTION_DIM, -10.0)}
     state = state.replace(policy=state.policy.replace(params=params))
     train_step = sac.jit_train_functions(agent).train_step
     transition = (obs, action, jnp.float32(1), next_obs, jnp.float32(0), jnp.bool_(False), next_obs)
     one_seed = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], transition)  # a seed axis of 1
     _, (_, metrics, _) = train_step([state], *one_seed)
-    metrics = {key: value[0] for key, value in metrics.items()}
+    return {key: float(value[0]) for key, value in metrics.items()}
 
-    entropy = float(metrics["losses/entropy"])
+
+def test_train_step_entropy_and_default_target_entropy():
+    """Through the jitted train step (one actor update): with μ = 0, σ = e⁻⁵ and scale 100, u ≈ 0 and
+    log π ≈ Σ_j (−ε_j²/2 + 5 − ½ log 2π) − d log 100, so the reported entropy −mean log π ≈ d (log 100 − 5 + ½ log 2π
+    + ½): the tanh correction is in the loss the actor sees. L_α = −log α · (mean log π + H_target) then gives back
+    H_target, which must be −action_dim by default (the flow scripts use 0)."""
+    args = sac.Args(critic_hidden=16, actor_hidden=16, batch_size=64, buffer_size=64, learning_starts=4, policy_delay=1)
+    assert args.target_entropy is None
+    metrics = metrics_of_one_actor_update(args, np.zeros(ACTION_DIM))
+    entropy = metrics["losses/entropy"]
     expected_entropy = ACTION_DIM * (math.log(100.0) - 5.0 + 0.5 * math.log(2 * math.pi) + 0.5)
     assert abs(entropy - expected_entropy) < 1.0, (entropy, expected_entropy)  # sampling spread of ε²: ~0.15
-    target_entropy = -float(metrics["losses/alpha_loss"]) / math.log(args.alpha) + entropy
+    target_entropy = -metrics["losses/alpha_loss"] / math.log(args.alpha) + entropy
     assert math.isclose(target_entropy, -ACTION_DIM, abs_tol=1e-3), target_entropy
+    assert metrics["policy/tanh_saturation"] == 0.0
+
+
+def test_tanh_saturation_is_the_share_of_action_entries_beyond_tanh_2():
+    """With σ = e⁻⁵, u = μ: entries with |μ| = 2.05 count as saturated (|tanh u| > tanh 2), those with 1.95 do not."""
+    args = sac.Args(critic_hidden=16, actor_hidden=16, batch_size=64, buffer_size=64, learning_starts=4, policy_delay=1)
+    metrics = metrics_of_one_actor_update(args, np.array([2.05, -1.95, -2.05]))
+    assert math.isclose(metrics["policy/tanh_saturation"], 2 / 3, rel_tol=1e-6)
 
 
 @pytest.mark.long  # tests/test_from_scratch_cli.py runs sac.py end to end in the quick suite
