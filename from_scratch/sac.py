@@ -354,7 +354,7 @@ def update_actor_and_alpha(agent: SAC, policy_state, log_alpha, alpha_opt_state,
         "losses/actor_loss": actor_loss,
         "losses/alpha_loss": alpha_loss_value,
         "losses/entropy": -log_prob.mean(),
-        # the flows log the same share: with the tanh, how much of the entropy's gap the squash carries
+        # the share of action entries on the tanh's flat ends, as the flows log it (docs/entropy.md compares them)
         "policy/tanh_saturation": jnp.mean(jnp.abs(actions - agent.action_bias) > SATURATED * agent.action_scale),
     }
     return policy_state, log_alpha, alpha_opt_state, metrics
