@@ -13,7 +13,8 @@ Every step is Gaussian, so the log-density of the sampled path is exact:
 
     log π = log N(A_0; 0, I) + Σ_k log N(A_{k+1}; A_k + Δt b_k, σ² Δt I) − Σ_j log(scale_j (1 − tanh(A_K)_j²) + 1e-6)
 
-σ is a state-dependent standard deviation (log σ squashed into [−5, log √2]) unless --noise-std fixes it.
+σ is a state-dependent standard deviation (log σ squashed into [−5, log σ_max], σ_max = √2 by default) unless
+--noise-std fixes it.
 Naive velocity: v = MLP([s, A_k, φ(t_k)]), two hidden layers of 512, ReLU. The K-step rollout is then a
 residual RNN, whose gradient can explode through the steps: the gated (sac_flow_gru.py) and decoded
 (sac_flow_transformer.py) velocities fix that.
@@ -100,6 +101,9 @@ class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resu
     """K, the number of flow (Euler-Maruyama) steps of the policy"""
     noise_std: float = 0.0
     """σ of the rollout noise; 0 learns a state-dependent σ (the paper's fixed form uses 0.10)"""
+    sigma_max: float = math.sqrt(2.0)
+    """upper bound of the learned σ (log σ is squashed into [−5, log sigma_max]); with √2 no compensated step
+    amplifies A_k (docs/design.md)"""
     velocity_hidden: int = 512
     """width of the velocity network's two hidden layers"""
     eval_every: int = 50_000
@@ -209,8 +213,7 @@ class VelocityNet(nn.Module):
         return nn.Dense(self.action_dim)(x)
 
 
-# σ ≤ √2 keeps every compensated step from amplifying A_k (the last one multiplies it by 1 − σ²/2): docs/design.md.
-LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 0.5 * math.log(2.0)
+LOG_SIGMA_MIN = -5.0
 
 
 class FlowPolicy(nn.Module):
@@ -222,6 +225,7 @@ class FlowPolicy(nn.Module):
     action_dim: int
     flow_steps: int
     noise_std: float
+    sigma_max: float
     renorm_warmup_steps: int
 
     def setup(self):
@@ -229,7 +233,7 @@ class FlowPolicy(nn.Module):
         self.time_embedding = TimeEmbedding()
         if self.noise_std <= 0:
             self.log_sigma_hidden = nn.Dense(256)
-            # Zero weights: σ starts at the middle of its log range, e^-2.33 ≈ 0.10 (the paper's fixed σ).
+            # Zero weights: σ starts at the middle of its log range (at σ_max = √2, e^-2.33 ≈ 0.10: the paper's σ).
             self.log_sigma_out = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)
 
     def __call__(self, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
@@ -238,7 +242,7 @@ class FlowPolicy(nn.Module):
             sigma = jnp.full_like(initial_noise, self.noise_std)
         else:
             raw = jnp.tanh(self.log_sigma_out(nn.relu(self.log_sigma_hidden(state))))
-            sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (LOG_SIGMA_MAX - LOG_SIGMA_MIN) * (raw + 1))
+            sigma = jnp.exp(LOG_SIGMA_MIN + 0.5 * (math.log(self.sigma_max) - LOG_SIGMA_MIN) * (raw + 1))
 
         dt = 1.0 / self.flow_steps
         # φ(t_k) for every k at once: it does not depend on the state.
@@ -312,7 +316,9 @@ class SACFlow:
 def make_agent(args: Args, action_dim: int, action_scale, action_bias) -> SACFlow:
     velocity = VelocityNet(action_dim, args.velocity_hidden)
     return SACFlow(
-        policy=FlowPolicy(velocity, action_dim, args.flow_steps, args.noise_std, args.renorm_warmup_steps),
+        policy=FlowPolicy(
+            velocity, action_dim, args.flow_steps, args.noise_std, args.sigma_max, args.renorm_warmup_steps
+        ),
         q_network=QNetwork(args.critic_hidden, args.renorm_warmup_steps),
         alpha_optimizer=make_optimizers(args, action_dim)[2],
         action_scale=jnp.asarray(action_scale, jnp.float32),
@@ -570,6 +576,7 @@ def check_args(args: Args):
     non_negative = ("learning_starts", "eval_episodes", "noise_std", "checkpoint_every")
     cli.check_args(args, positive, non_negative, [
         (args.alpha is not None and args.alpha <= 0, f"--alpha must be > 0, got {args.alpha}"),
+        (args.sigma_max <= math.exp(LOG_SIGMA_MIN), f"--sigma-max must be above e^-5, got {args.sigma_max}"),
         (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size"),
         (args.learning_starts < args.batch_size, f"--learning-starts {args.learning_starts} is below --batch-size"),
         (args.resume is not None and args.num_seeds != 1, "--resume continues one run: resume each of --num-seeds"),
@@ -581,7 +588,7 @@ def main():
     args, checkpoint = cli.parse_args(Args, SCRIPT)
     check_args(args)
     run = GymRun(args, SCRIPT, checkpoint)
-    largest = max_path_entropy(run.action_scale, args.flow_steps, args.noise_std or math.exp(LOG_SIGMA_MAX))
+    largest = max_path_entropy(run.action_scale, args.flow_steps, args.noise_std or args.sigma_max)
     if args.autotune and args.target_entropy >= largest:  # α would grow without bound
         raise SystemExit(
             f"error: --target-entropy {args.target_entropy} is not below the largest path entropy the policy can reach "
