@@ -649,7 +649,8 @@ def main():
     if args.autotune and args.target_entropy >= largest:  # α would grow without bound
         raise SystemExit(
             f"error: --target-entropy {args.target_entropy} is not below the largest path entropy the policy can reach "
-            f"on {args.env_id} with K = {args.flow_steps} and its σ bound, {largest:.1f}: lower it (or raise --noise-std)"
+            f"on {args.env_id} with K = {args.flow_steps} and its σ bound, {largest:.1f}: lower it "
+            f"(or raise {'--noise-std' if args.noise_std else '--sigma-max'})"
         )
     agent = make_agent(args, run.action_dim, run.action_scale, run.action_bias)
     states, actions = run.start(lambda key: create_state(agent, key, run.obs_dim))

@@ -93,7 +93,8 @@ BAD_INPUTS = {
 
 # Flow scripts only: a target entropy above the largest path entropy that σ ≤ 0.1 allows (−4.2 on Pendulum-v1).
 FLOW_BAD_INPUTS = {
-    "unreachable target entropy": (["--env-id", "Pendulum-v1", "--noise-std", "0.1"], "--target-entropy")
+    "unreachable target entropy": (["--env-id", "Pendulum-v1", "--noise-std", "0.1"], "--target-entropy"),
+    "σ bound at or below σ's lower bound": (["--sigma-max", "0.001"], "--sigma-max"),
 }
 
 
