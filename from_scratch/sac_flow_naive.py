@@ -13,8 +13,9 @@ Every step is Gaussian, so the log-density of the sampled path is exact:
 
     log π = log N(A_0; 0, I) + Σ_k log N(A_{k+1}; A_k + Δt b_k, σ² Δt I) − Σ_j log(scale_j (1 − tanh(A_K)_j²) + 1e-6)
 
-σ is a state-dependent standard deviation (log σ squashed into [−5, log σ_max], σ_max = √2 by default) unless
---noise-std fixes it.
+σ is a state-dependent standard deviation (log σ squashed into [−5, log σ_max]) unless --noise-std fixes it. By
+default σ_max = √(K/(2πe)): each noise step's std σ√Δt is then at most 1/√(2πe), the std of a Gaussian of zero
+entropy, so the K noise steps cannot raise the path entropy above the N(0, I) start's.
 Naive velocity: v = MLP([s, A_k, φ(t_k)]), two hidden layers of 512, ReLU. The K-step rollout is then a
 residual RNN, whose gradient can explode through the steps: the gated (sac_flow_gru.py) and decoded
 (sac_flow_transformer.py) velocities fix that.
@@ -101,9 +102,11 @@ class Args(cli.RunArgs):  # the run options (--track, --checkpoint-every, --resu
     """K, the number of flow (Euler-Maruyama) steps of the policy"""
     noise_std: float = 0.0
     """σ of the rollout noise; 0 learns a state-dependent σ (the paper's fixed form uses 0.10)"""
-    sigma_max: float = math.sqrt(2.0)
-    """upper bound of the learned σ (log σ is squashed into [−5, log sigma_max]); with √2 no compensated step
-    amplifies A_k (docs/design.md)"""
+    sigma_max: float | None = None
+    """upper bound of the learned σ (log σ is squashed into [−5, log sigma_max]); None: √(K/(2πe)) (0.48 at K = 4),
+    where no noise step adds entropy, so σ cannot buy path entropy on saturated action entries, where its noise does
+    not move the action (docs/entropy.md); at most √2, above which a compensated step amplifies A_k (docs/design.md).
+    1.4142 is this script's earlier default; the released code bounds log σ by 2, with uncompensated steps"""
     velocity_hidden: int = 512
     """width of the velocity network's two hidden layers"""
     eval_every: int = 50_000
@@ -233,7 +236,7 @@ class FlowPolicy(nn.Module):
         self.time_embedding = TimeEmbedding()
         if self.noise_std <= 0:
             self.log_sigma_hidden = nn.Dense(256)
-            # Zero weights: σ starts at the middle of its log range (at σ_max = √2, e^-2.33 ≈ 0.10: the paper's σ).
+            # Zero weights: σ starts at the middle of its log range (e^-2.86 ≈ 0.057 at the default bound, K = 4).
             self.log_sigma_out = nn.Dense(self.action_dim, kernel_init=nn.initializers.zeros)
 
     def __call__(self, obs, initial_noise, step_noise, train: bool, action_perturbations=None):
@@ -317,7 +320,7 @@ def make_agent(args: Args, action_dim: int, action_scale, action_bias) -> SACFlo
     velocity = VelocityNet(action_dim, args.velocity_hidden)
     return SACFlow(
         policy=FlowPolicy(
-            velocity, action_dim, args.flow_steps, args.noise_std, args.sigma_max, args.renorm_warmup_steps
+            velocity, action_dim, args.flow_steps, args.noise_std, sigma_bound(args), args.renorm_warmup_steps
         ),
         q_network=QNetwork(args.critic_hidden, args.renorm_warmup_steps),
         alpha_optimizer=make_optimizers(args, action_dim)[2],
@@ -325,6 +328,14 @@ def make_agent(args: Args, action_dim: int, action_scale, action_bias) -> SACFlo
         action_bias=jnp.asarray(action_bias, jnp.float32),
         args=args,
     )
+
+
+def sigma_bound(args: Args) -> float:
+    """σ's upper bound: --sigma-max, else √(K/(2πe)), where a noise step's Gaussian entropy ½ log(2πe σ²Δt) is 0
+    (capped at √2, the largest σ whose compensated steps contract)."""
+    if args.sigma_max is not None:
+        return args.sigma_max
+    return min(math.sqrt(args.flow_steps / (2 * math.pi * math.e)), math.sqrt(2.0))
 
 
 def initial_alpha(args: Args, action_dim: int) -> float:
@@ -576,7 +587,8 @@ def check_args(args: Args):
     non_negative = ("learning_starts", "eval_episodes", "noise_std", "checkpoint_every")
     cli.check_args(args, positive, non_negative, [
         (args.alpha is not None and args.alpha <= 0, f"--alpha must be > 0, got {args.alpha}"),
-        (args.sigma_max <= math.exp(LOG_SIGMA_MIN), f"--sigma-max must be above e^-5, got {args.sigma_max}"),
+        (args.sigma_max is not None and args.sigma_max <= math.exp(LOG_SIGMA_MIN),
+         f"--sigma-max must be above e^-5, got {args.sigma_max}"),
         (args.batch_size > args.buffer_size, f"--batch-size {args.batch_size} is larger than --buffer-size"),
         (args.learning_starts < args.batch_size, f"--learning-starts {args.learning_starts} is below --batch-size"),
         (args.resume is not None and args.num_seeds != 1, "--resume continues one run: resume each of --num-seeds"),
@@ -588,7 +600,7 @@ def main():
     args, checkpoint = cli.parse_args(Args, SCRIPT)
     check_args(args)
     run = GymRun(args, SCRIPT, checkpoint)
-    largest = max_path_entropy(run.action_scale, args.flow_steps, args.noise_std or args.sigma_max)
+    largest = max_path_entropy(run.action_scale, args.flow_steps, args.noise_std or sigma_bound(args))
     if args.autotune and args.target_entropy >= largest:  # α would grow without bound
         raise SystemExit(
             f"error: --target-entropy {args.target_entropy} is not below the largest path entropy the policy can reach "

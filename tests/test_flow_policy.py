@@ -11,9 +11,10 @@ from conftest import FLOW_SCRIPTS, load_script
 pytestmark = pytest.mark.parametrize("script", FLOW_SCRIPTS)
 
 OBS_DIM, ACTION_DIM, BATCH, FLOW_STEPS = 5, 3, 7, 4
+SIGMA_MAX = math.sqrt(2)  # the math tests' bound: σ reaches up to the largest stable value
 
 
-def make_policy(module, noise_std: float, sigma_max: float = math.sqrt(2)):
+def make_policy(module, noise_std: float, sigma_max: float = SIGMA_MAX):
     args = module.Args(flow_steps=FLOW_STEPS, noise_std=noise_std, sigma_max=sigma_max)
     policy = module.make_agent(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM)).policy
     rng = np.random.default_rng(0)
@@ -46,8 +47,7 @@ def sigma_np(module, variables, state, noise_std):
         state @ np.asarray(p["log_sigma_hidden"]["kernel"]) + np.asarray(p["log_sigma_hidden"]["bias"]), 0
     )
     raw = np.tanh(hidden @ np.asarray(p["log_sigma_out"]["kernel"]) + np.asarray(p["log_sigma_out"]["bias"]))
-    log_sigma_max = math.log(module.Args().sigma_max)
-    return np.exp(module.LOG_SIGMA_MIN + 0.5 * (log_sigma_max - module.LOG_SIGMA_MIN) * (raw + 1))
+    return np.exp(module.LOG_SIGMA_MIN + 0.5 * (math.log(SIGMA_MAX) - module.LOG_SIGMA_MIN) * (raw + 1))
 
 
 def log_normal_np(x, mean, std):
@@ -119,7 +119,7 @@ def test_tanh_squash_and_correction(script):
     np.testing.assert_allclose(np.asarray(log_det), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("sigma_max", [math.sqrt(2), 0.5])
+@pytest.mark.parametrize("sigma_max", [SIGMA_MAX, 0.5])
 def test_learned_sigma_starts_small_stays_in_bounds_and_depends_on_state(script, sigma_max):
     module, policy, variables, obs, initial_noise, step_noise = make_policy(load_script(script), 0.0, sigma_max)
     fresh = policy.init(jax.random.PRNGKey(5), obs, initial_noise, step_noise, train=False)
@@ -137,22 +137,38 @@ def test_learned_sigma_starts_small_stays_in_bounds_and_depends_on_state(script,
     assert np.std(sigma[:, 0]) > 0  # a head on s, not a constant
 
 
-@pytest.mark.parametrize("flow_steps", [1, 2, 4, 10])
-def test_sigma_bound_keeps_every_compensated_step_contracting(script, flow_steps):
-    """With v = 0 the compensated step is A_{k+1} = (1 − Δt σ²/(2(1 − t_k))) A_k (+ noise): at the largest σ the
-    factor stays in [0, 1] at every step, so no step amplifies or flips A (σ > 2 made the last step amplify)."""
-    sigma = load_script(script).Args().sigma_max
+@pytest.mark.parametrize("flow_steps", [1, 2, 4, 10, 50])
+def test_default_sigma_bound_adds_no_entropy_per_step_and_keeps_steps_contracting(script, flow_steps):
+    """At the default bound one noise step N(0, σ²Δt) has entropy 0 (numerical integration of −p log p), so the
+    largest path entropy is the N(0, I) start's plus log scale, c + log scale_j per dimension, whatever K is; past
+    K = 4πe ≈ 34 the bound is √2 instead, and a step's entropy is below 0. With v = 0 a compensated step is
+    A_{k+1} = (1 − Δt σ²/(2(1 − t_k))) A_k (+ noise): at the bound the factor stays in [0, 1] at every step, so no
+    step amplifies or flips A."""
+    module = load_script(script)
+    sigma = module.sigma_bound(module.Args(flow_steps=flow_steps))
     dt = 1.0 / flow_steps
+    step_std = sigma * math.sqrt(dt)
+    x = np.linspace(-12 * step_std, 12 * step_std, 200_001)
+    density = np.exp(-0.5 * (x / step_std) ** 2) / (step_std * np.sqrt(2 * np.pi))
+    step_entropy = -np.sum(density * np.log(density)) * (x[1] - x[0])
+    if flow_steps <= 34:
+        np.testing.assert_allclose(step_entropy, 0.0, atol=1e-6)
+        scale = np.array([0.4, 1.0, 2.0])
+        start_entropy = 0.5 * math.log(2 * math.pi) + 0.5  # E[−log N(x; 0, 1)] = ½ log 2π + ½ E[x²]
+        np.testing.assert_allclose(
+            module.max_path_entropy(scale, flow_steps, sigma), np.sum(start_entropy + np.log(scale)), atol=1e-9
+        )
+    else:
+        assert sigma == pytest.approx(math.sqrt(2)) and step_entropy < 0  # the cap is the tighter bound
     factors = [1 - dt * sigma**2 / (2 * (1 - k * dt)) for k in range(flow_steps)]
     assert min(factors) >= -1e-6 and max(factors) <= 1.0
-    assert sigma >= 1.0  # ... while still allowing a per-step noise as large as the flow's own N(0, 1) start
 
 
 def test_largest_path_entropy_matches_monte_carlo(script):
     """max_path_entropy(scale, K, σ) = E[−log π] of a path with constant σ and A_K at 0 (no tanh saturation):
     the policy's own Gaussian log-density averaged over many sampled paths, plus Σ_j log scale_j."""
     module = load_script(script)
-    sigma, scale = module.Args().sigma_max, np.array([0.4, 1.0, 2.0])
+    sigma, scale = SIGMA_MAX, np.array([0.4, 1.0, 2.0])
     args = module.Args(flow_steps=FLOW_STEPS, noise_std=sigma)
     policy = module.make_agent(args, ACTION_DIM, np.ones(ACTION_DIM), np.zeros(ACTION_DIM)).policy
     rng = np.random.default_rng(3)
